@@ -1,0 +1,1406 @@
+"""
+dinov3-mini: the ideas of DINOv3 in one readable file, small enough to train on one GPU or a laptop.
+
+What is here, in the order the paper tells it:
+  1. config      -- every option with its reference value and what breaks if you push it
+  2. data        -- `scenes`, a procedural dataset with class labels and per-pixel masks (offline),
+                    CIFAR-10/100, STL-10, Imagenette and any image folder; batched multi-crop
+                    augmentation and iBOT block masking
+  3. backbone    -- a ViT with register tokens (Darcet et al. 2023) and DINOv3's axial RoPE
+  4. heads       -- separate DINO (image) and iBOT (patch) heads
+  5. losses      -- Sinkhorn-Knopp centring, DINO, iBOT, KoLeo and Gram anchoring (DINOv3 Eq. 2)
+  6. teachers    -- the EMA teacher and the Gram teacher (a frozen snapshot of an earlier EMA teacher)
+  7. training    -- AdamW with the reference schedules, checkpoints, resume, logs
+  8. evaluation  -- weighted k-NN on the teacher's CLS token, plus raw-pixel and random-init baselines
+  9. command line
+
+Papers: DINO (Caron et al. 2021, arXiv 2104.14294), iBOT (Zhou et al. 2021, arXiv 2111.07832),
+DINOv2 (Oquab et al. 2023, arXiv 2304.07193), Vision Transformers Need Registers (Darcet et al. 2023,
+arXiv 2309.16588), DINOv3 (Simeoni et al. 2025, arXiv 2508.10104).
+
+    python dinov3_mini.py                                   # CPU: nano ViT on `scenes`, < 10 min
+    python dinov3_mini.py --dataset cifar10 --registers 4   # GPU: the classic run (bf16 autocast)
+    python dinov3_mini.py --gram --gram-teacher-epoch 10 --gram-start 20 --epochs 60
+
+Deliberately left out (see README, faithfulness table): the 7B model and its distillation, the
+high-resolution adaptation phase, the text alignment, FSDP. Everything else is scaled down, not cut.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import pickle
+import random
+import signal
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+# -----------------------------------------------------------------------------------------------
+# 1. Config
+# -----------------------------------------------------------------------------------------------
+
+# Model presets: (dim, depth, heads, head_hidden). tiny/small/base are the usual DeiT/DINO sizes;
+# nano is sized so that the default run finishes in under 10 minutes on a 2-core CPU.
+MODELS = {
+    "nano": dict(dim=128, depth=6, heads=4, head_hidden=512),
+    "tiny": dict(dim=192, depth=12, heads=3, head_hidden=2048),
+    "small": dict(dim=384, depth=12, heads=6, head_hidden=2048),
+    "base": dict(dim=768, depth=12, heads=12, head_hidden=2048),
+}
+DATASETS = ("scenes", "cifar10", "cifar100", "stl10", "imagenette", "folder")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(
+        "dinov3_mini", description="DINOv3 in one file: registers, RoPE, DINO + iBOT + KoLeo + Gram anchoring.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # data
+    a("--dataset", default="scenes", choices=DATASETS, help="`scenes` is built in and needs no download; "
+      "the others download into --data-dir on first use (`folder`: any folder of class subfolders).")
+    a("--data-dir", default="./data", help="Where datasets live or are downloaded to; point it at an existing "
+      "copy to skip the download (for `folder`: the folder itself, optionally with train/ and val/).")
+    a("--image-size", type=int, default=None, help="Global crop size in pixels (reference 224). Default: the "
+      "dataset's native size (scenes 32, CIFAR 32, STL-10 96, Imagenette 64). Must be divisible by --patch-size.")
+    a("--local-size", type=int, default=None, help="Local crop size (reference 96 for 224 globals). Default: "
+      "half of --image-size, rounded to the patch size. Must be smaller than --image-size.")
+    a("--local-crops", type=int, default=6, help="Number of local crops (reference 8). Each adds a short student "
+      "forward; 0 trains on global crops only, which learns much slower.")
+    a("--global-scale", type=float, nargs=2, default=(0.32, 1.0), help="Area range of global crops (reference "
+      "0.32 1.0). A lower minimum makes the task harder and the invariance stronger.")
+    a("--local-scale", type=float, nargs=2, default=(0.05, 0.32), help="Area range of local crops (reference "
+      "0.05 0.32). Above ~0.4 local and global views overlap so much that the task becomes trivial.")
+    a("--num-images", type=int, default=None, help="Cap the training set for quick runs (scenes default 20000).")
+    a("--workers", type=int, default=4, help="Threads used to decode image files for `folder`/`imagenette`.")
+    # model
+    a("--model", default="nano", choices=list(MODELS), help="Preset: nano (128-d, 6 layers, CPU friendly), "
+      "tiny (192-d, 12 layers, 3 heads), small (384-d, 12, 6), base (768-d, 12, 12).")
+    a("--dim", type=int, default=None, help="Override the preset's width.")
+    a("--depth", type=int, default=None, help="Override the preset's number of blocks.")
+    a("--heads", type=int, default=None, help="Override the preset's number of attention heads.")
+    a("--patch-size", type=int, default=4, help="Patch size (reference 16 at 224 px; 4 on 32 px images keeps an "
+      "8x8 grid). Smaller patches cost quadratically more attention.")
+    a("--registers", type=int, default=4, help="Register tokens (DINOv3: 4). 0 reproduces the plain ViT that "
+      "grows high-norm artifact tokens; one register already removes them in the registers paper.")
+    a("--layerscale", type=float, default=1e-5, help="LayerScale init (reference 1e-5); 0 disables LayerScale. "
+      "Reported as needed for high-norm outliers to appear at small scale.")
+    a("--drop-path", type=float, default=None, help="Stochastic depth on the student (reference 0.1-0.4 by "
+      "size). Default 0 for nano, 0.1 otherwise.")
+    a("--rope-rescale", type=float, default=2.0, help="Train-time RoPE box jitter: coordinates rescaled by a "
+      "log-uniform factor in [1/x, x] (DINOv3: 2). 1 disables it.")
+    a("--rope-shift", type=float, default=0.0, help="Train-time RoPE coordinate shift, uniform in [-x, x] "
+      "(DINOv3 code supports it, off in the released config).")
+    a("--rope-jitter", type=float, default=1.0, help="Train-time per-axis RoPE scale jitter, log-uniform in "
+      "[1/x, x] (off = 1, as in the released config).")
+    # heads and losses
+    a("--prototypes", type=int, default=4096, help="K, the number of prototypes of both heads (reference "
+      "65536 on ImageNet). Small data converges faster with 1k-8k; too few caps what the features can separate.")
+    a("--head-hidden", type=int, default=None, help="Hidden width of the DINO/iBOT heads (reference 2048; "
+      "nano uses 512 to stay fast on a CPU).")
+    a("--head-bottleneck", type=int, default=256, help="Bottleneck width before the prototypes (reference 256).")
+    a("--student-temp", type=float, default=0.1, help="Student softmax temperature (reference 0.1).")
+    a("--teacher-temp", type=float, default=0.07, help="Final teacher temperature (reference 0.07). Above "
+      "~0.07 training becomes unstable; lower it (0.04) if the teacher entropy stays high.")
+    a("--warmup-teacher-temp", type=float, default=0.04, help="Initial teacher temperature (reference 0.04).")
+    a("--teacher-temp-warmup-epochs", type=int, default=None, help="Linear warmup of the teacher temperature "
+      "(reference 30 of 100 epochs). Default: 30%% of --epochs.")
+    a("--ibot-weight", type=float, default=1.0, help="Weight of the iBOT masked-patch loss (reference 1.0). "
+      "0 leaves only the global objective, which degrades dense features faster.")
+    a("--koleo-weight", type=float, default=0.1, help="Weight of the KoLeo spreading loss on the student CLS "
+      "(reference 0.1). Much higher fights the DINO loss and slows convergence.")
+    a("--mask-ratio", type=float, nargs=2, default=(0.1, 0.5), help="iBOT mask ratios, spread over the masked "
+      "crops (reference 0.1 0.5).")
+    a("--mask-prob", type=float, default=0.5, help="Fraction of global crops that are masked (reference 0.5).")
+    # Gram anchoring
+    a("--gram", action="store_true", help="Turn on Gram anchoring (DINOv3 Sec. 4): match the patch-similarity "
+      "structure of a frozen earlier teacher.")
+    a("--gram-weight", type=float, default=2.0, help="Gram loss weight (reference 2.0), ramped in by a cosine.")
+    a("--gram-start", type=int, default=None, help="Epoch at which the Gram loss starts (DINOv3: after 1M "
+      "iterations, when dense features have degraded). Default: --gram-teacher-epoch.")
+    a("--gram-teacher-epoch", type=int, default=None, help="Epoch whose EMA teacher becomes the Gram teacher "
+      "(DINOv3: an early one, 100k-200k iterations; a late one is worse). Default: 25%% of --epochs.")
+    a("--gram-teacher", default=None, help="Path of a checkpoint whose teacher backbone is the Gram teacher "
+      "(instead of a snapshot taken during this run).")
+    a("--gram-refresh-every", type=int, default=0, help="Refresh the Gram teacher from the EMA teacher every k "
+      "epochs after --gram-start (reference: every 10k iterations); 0 never.")
+    a("--gram-refresh-max", type=int, default=3, help="At most this many refreshes, then frozen (reference 3).")
+    a("--gram-ramp-epochs", type=float, default=1.0, help="Cosine ramp-in of the Gram weight, in epochs.")
+    a("--gram-hires", action="store_true", help="Give the Gram teacher the same crop at 2x resolution without "
+      "colour distortion, and bicubic-downsample its patch features to the student's grid (DINOv3 Sec. 4.3).")
+    # optimisation
+    a("--epochs", type=int, default=12, help="Training epochs (reference 100 on ImageNet-scale data). The two "
+      "failure modes need long runs; the default is sized for a 10-minute CPU demo.")
+    a("--batch-size", type=int, default=128, help="Global batch size (reference 1024+); the lr scales with "
+      "sqrt(batch/1024). Sinkhorn-Knopp needs batch >> 1 to spread mass over prototypes.")
+    a("--lr", type=float, default=4e-3, help="Base lr for a batch of 1024, scaled by sqrt(batch/1024) (DINOv2 "
+      "reference 4e-3). Too high and the DINO loss sticks at ln K (collapse).")
+    a("--min-lr", type=float, default=1e-6, help="Final lr of the cosine decay (reference 1e-6).")
+    a("--warmup-epochs", type=int, default=None, help="Linear lr warmup (reference 10 of 100 epochs). "
+      "Default: 10%% of --epochs, at least 1.")
+    a("--weight-decay", type=float, nargs=2, default=(0.04, 0.4), help="Weight decay, cosine from first to "
+      "second value (reference 0.04 0.4).")
+    a("--layer-decay", type=float, default=0.9, help="Layer-wise lr decay (reference 0.9; patch embedding gets "
+      "a further x0.2). 1 turns it off.")
+    a("--momentum", type=float, nargs=2, default=(0.992, 1.0), help="EMA teacher momentum, cosine from first "
+      "to second value (reference 0.992 1.0). Too low and the teacher chases the student into collapse.")
+    a("--clip-grad", type=float, default=3.0, help="Gradient norm clipping (reference 3.0); 0 disables.")
+    a("--freeze-last-layer-epochs", type=int, default=1, help="Epochs during which the prototypes are frozen "
+      "(reference 1), a stabiliser from DINO.")
+    # run
+    a("--eval-every", type=int, default=4, help="Run k-NN every this many epochs (and always at the end).")
+    a("--knn-k", type=int, default=20, help="k of the weighted k-NN (reference 20).")
+    a("--knn-temp", type=float, default=0.07, help="Temperature of the k-NN vote weights (reference 0.07).")
+    a("--out-dir", default="out", help="Where checkpoint.pt, log.jsonl and summary.json go.")
+    a("--resume", action="store_true", help="Continue the run in --out-dir exactly where it stopped.")
+    a("--overwrite", action="store_true", help="Allow starting a fresh run in an --out-dir that holds one.")
+    a("--device", default="auto", help="auto picks cuda, then mps, then cpu; or name one.")
+    a("--compile", action="store_true", help="torch.compile the student and teacher (GPU; slow to start).")
+    a("--seed", type=int, default=0, help="Seed of everything: data order, augmentation, init.")
+    a("--log-every", type=int, default=10, help="Log one line to log.jsonl every this many steps.")
+    a("--no-progress", action="store_true", help="No tqdm bar (for logs and CI).")
+    return p
+
+
+def resolve_args(args, parser):
+    """Fill the defaults that depend on other options, and refuse bad input with an argparse error (exit 2)."""
+    preset = MODELS[args.model]
+    for k in ("dim", "depth", "heads", "head_hidden"):
+        if getattr(args, k) is None:
+            setattr(args, k, preset[k])
+    native = {"scenes": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagenette": 64, "folder": 64}
+    args.image_size = args.image_size or native[args.dataset]
+    if args.local_size is None:
+        args.local_size = max(args.patch_size, (args.image_size // 2) // args.patch_size * args.patch_size)
+    if args.drop_path is None:
+        args.drop_path = 0.0 if args.model == "nano" else 0.1
+    args.warmup_epochs = max(1, round(0.1 * args.epochs)) if args.warmup_epochs is None else args.warmup_epochs
+    if args.teacher_temp_warmup_epochs is None:
+        args.teacher_temp_warmup_epochs = max(1, round(0.3 * args.epochs))
+    if args.gram_teacher_epoch is None:
+        args.gram_teacher_epoch = max(1, args.epochs // 4)
+    if args.gram_start is None:
+        args.gram_start = args.gram_teacher_epoch
+    errors = []
+    if args.patch_size <= 0 or args.image_size % args.patch_size or args.local_size % args.patch_size:
+        errors.append(f"--image-size {args.image_size} and --local-size {args.local_size} must both be positive "
+                      f"multiples of --patch-size {args.patch_size} (the ViT cuts images into whole patches)")
+    if args.local_size >= args.image_size:
+        errors.append(f"--local-size {args.local_size} must be smaller than --image-size {args.image_size} "
+                      "(local crops are the small views of multi-crop)")
+    if args.registers < 0:
+        errors.append(f"--registers must be 0 or more, got {args.registers}")
+    if args.local_crops < 0:
+        errors.append(f"--local-crops must be 0 or more, got {args.local_crops}")
+    if args.dim % args.heads or (args.dim // args.heads) % 4:
+        errors.append(f"--dim {args.dim} must divide into --heads {args.heads} heads whose width is a multiple "
+                      "of 4 (axial RoPE splits each head into 4 parts)")
+    for name in ("global_scale", "local_scale", "mask_ratio"):
+        lo, hi = getattr(args, name)
+        if not 0 <= lo <= hi <= 1:
+            errors.append(f"--{name.replace('_', '-')} must be two numbers with 0 <= low <= high <= 1, got {lo} {hi}")
+    if not 0 <= args.mask_prob <= 1:
+        errors.append(f"--mask-prob must be a probability in [0, 1], got {args.mask_prob}")
+    for name in ("epochs", "batch_size", "prototypes", "eval_every", "log_every"):
+        if getattr(args, name) <= 0:
+            errors.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.num_images is not None and args.num_images <= 0:
+        errors.append(f"--num-images must be positive, got {args.num_images}")
+    if args.gram and args.gram_teacher is None and args.gram_teacher_epoch >= args.epochs:
+        errors.append(f"--gram-teacher-epoch {args.gram_teacher_epoch} must come before the end of training "
+                      f"(--epochs {args.epochs})")
+    if errors:
+        parser.error("; ".join(errors) + ".")
+    return args
+
+
+# -----------------------------------------------------------------------------------------------
+# 2. Data: the `scenes` dataset, real datasets, multi-crop augmentation, iBOT masks
+# -----------------------------------------------------------------------------------------------
+
+SHAPES = ("disk", "square", "triangle", "diamond", "plus", "ring", "star", "hexagon", "bar", "crescent")
+SCENES_SIZES = {"train": 20000, "test": 2000}
+SCENES_CHUNK = 1000  # images are generated in chunks of 1000, each from its own seed: image i never changes
+
+
+def shape_mask(cls, u, v):
+    """Inside-test of shape `cls` (B,) in object coordinates u, v (B, S, S), object roughly in [-1, 1]^2."""
+    r, phi = torch.sqrt(u ** 2 + v ** 2), torch.atan2(v, u)
+    inside = torch.stack([
+        r < 1,                                                             # disk
+        torch.maximum(u.abs(), v.abs()) < 0.85,                            # square
+        (v < 0.7) & (v > -1.0 + 1.9 * u.abs()),                           # triangle (pointing up)
+        u.abs() + v.abs() < 1.05,                                          # diamond
+        ((u.abs() < 0.32) & (v.abs() < 1)) | ((v.abs() < 0.32) & (u.abs() < 1)),  # plus
+        (r < 1) & (r > 0.55),                                              # ring
+        r < 0.55 + 0.42 * torch.cos(5 * phi),                              # five-pointed star
+        torch.maximum(u.abs() * 0.866 + v.abs() * 0.5, v.abs()) < 0.9,     # hexagon
+        (u / 1.05) ** 2 + (v / 0.4) ** 2 < 1,                              # bar (flat ellipse)
+        (r < 1) & ((u - 0.45) ** 2 + v ** 2 > 0.8 ** 2),                   # crescent
+    ])  # (10, B, S, S)
+    return inside[cls, torch.arange(len(cls))]  # (B, S, S): each image's own shape
+
+
+def _scenes_chunk(seed, split, chunk, size):
+    """Render SCENES_CHUNK images of `size` px: (uint8 images (n,3,S,S), labels (n,), masks (n,S,S))."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + {"train": 0, "test": 500_000}[split] + chunk)
+    n = SCENES_CHUNK
+    U = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    t = (torch.arange(size) + 0.5) / size
+    y, x = torch.meshgrid(t, t, indexing="ij")
+    y, x = y.expand(n, size, size), x.expand(n, size, size)
+    # background: flat (35%), gradient (25%), stripes (20%), dead leaves (20%); large redundant areas
+    kind = torch.bucketize(U(n), torch.tensor([0.35, 0.6, 0.8]))[:, None, None]
+    c1, c2 = U(n, 3, 1, 1), U(n, 3, 1, 1)
+    th = U(n, 1, 1) * 2 * math.pi
+    proj = (x - 0.5) * torch.cos(th) + (y - 0.5) * torch.sin(th)
+    mix = torch.where(kind == 1, (proj + 0.5).clamp(0, 1), torch.zeros_like(x))
+    freq, phase = 2 + 4 * U(n, 1, 1), U(n, 1, 1) * 2 * math.pi
+    mix = torch.where(kind == 2, (torch.sin(2 * math.pi * freq * proj + phase) > 0).float(), mix)
+    img = c1 + (c2 - c1) * mix[:, None]
+    for _ in range(14):  # dead leaves: discs of random colour and size stacked over the background
+        cx, cy, rad, col = U(n, 1, 1), U(n, 1, 1), 0.05 + 0.25 * U(n, 1, 1), U(n, 3, 1, 1)
+        disc = ((x - cx) ** 2 + (y - cy) ** 2 < rad ** 2) & (kind == 3)
+        img = torch.where(disc[:, None], col, img)
+    labels = torch.randint(len(SHAPES), (n,), generator=g)
+    masks = torch.zeros(n, size, size, dtype=torch.uint8)
+
+    def draw(img, cls, cx, cy, scale, present):
+        ang = (U(n) - 0.5) * math.radians(40)  # +-20 degrees keeps square and diamond apart
+        aspect = 0.85 + 0.3 * U(n)
+        dx, dy = (x - cx[:, None, None]) / scale[:, None, None], (y - cy[:, None, None]) / scale[:, None, None]
+        ca, sa = torch.cos(ang)[:, None, None], torch.sin(ang)[:, None, None]
+        u, v = (ca * dx + sa * dy) * aspect[:, None, None], (-sa * dx + ca * dy) / aspect[:, None, None]
+        inside = shape_mask(cls, u, v) & present[:, None, None]
+        # the object's colour keeps a distance from the background colour; its texture is one of
+        # solid, stripes, checker or radial gradient between two colours
+        col = U(n, 3, 1, 1)
+        col = torch.where((col - c1).abs().mean(1, keepdim=True) < 0.25, 1 - col, col)
+        col2 = col * (0.3 + 0.4 * U(n, 1, 1, 1))
+        tex = torch.randint(4, (n, 1, 1), generator=g)
+        f = 2 + 3 * U(n, 1, 1)
+        pattern = torch.stack([torch.zeros_like(u), (torch.sin(math.pi * f * u) > 0).float(),
+                               ((torch.sin(math.pi * f * u) > 0) ^ (torch.sin(math.pi * f * v) > 0)).float(),
+                               (u ** 2 + v ** 2).sqrt().clamp(0, 1)])  # (4, n, S, S)
+        pat = pattern[tex[:, 0, 0], torch.arange(n)]
+        obj = col + (col2 - col) * pat[:, None]
+        return torch.where(inside[:, None], obj, img), inside
+
+    for _ in range(2):  # distractors: small objects of any class, drawn first so the main object covers them
+        dcls = torch.randint(len(SHAPES), (n,), generator=g)
+        img, inside = draw(img, dcls, U(n), U(n), 0.07 + 0.07 * U(n), U(n) < 0.35)
+        masks[inside] = (dcls + 1)[:, None, None].expand_as(inside)[inside].to(torch.uint8)
+    cx, cy = 0.5 + 0.3 * (U(n) - 0.5), 0.5 + 0.3 * (U(n) - 0.5)
+    img, inside = draw(img, labels, cx, cy, 0.22 + 0.16 * U(n), torch.ones(n, dtype=torch.bool))
+    masks[inside] = (labels + 1)[:, None, None].expand_as(inside)[inside].to(torch.uint8)
+    img = (img + 0.03 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+    return (img * 255).round().to(torch.uint8), labels, masks
+
+
+def make_scenes(split="train", n=None, size=32, seed=0):
+    """The built-in dataset: (images uint8 (n,3,S,S), labels (n,) in 0..9, masks uint8 (n,S,S) 0=background).
+
+    Deterministic from (seed, split, index); the same scene renders at any resolution (32, 64, 96, ...)."""
+    n = SCENES_SIZES[split] if n is None else n
+    parts = [_scenes_chunk(seed, split, c, size) for c in range(math.ceil(n / SCENES_CHUNK))]
+    return tuple(torch.cat(p)[:n] for p in zip(*parts))
+
+
+class DataUnavailable(Exception):
+    """A dataset could not be found or fetched; the command line turns this into a one-paragraph message."""
+
+
+def _fetch(url, root, md5=None):
+    """Download and extract an archive into root with torchvision's helper; no network -> DataUnavailable."""
+    from torchvision.datasets.utils import download_and_extract_archive
+    try:
+        download_and_extract_archive(url, download_root=root, md5=md5)
+    except Exception as e:  # URLError, HTTPError, socket errors, a broken archive: all mean "not here"
+        raise DataUnavailable(f"could not fetch {url} into {root} ({type(e).__name__}: {e})") from None
+
+
+def _read_cifar(root, name):
+    """CIFAR-10/100 in the 'python version' layout: pickled dicts with 'data' (N, 3072) and labels."""
+    d = os.path.join(root, "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    files = ({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]} if name == "cifar10"
+             else {"train": ["train"], "test": ["test"]})
+    if not all(os.path.exists(os.path.join(d, f)) for fs in files.values() for f in fs):
+        url = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+               "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}[name]
+        _fetch(url, root)
+    out = {}
+    for split, fs in files.items():
+        xs, ys = [], []
+        for f in fs:
+            with open(os.path.join(d, f), "rb") as fh:
+                e = pickle.load(fh, encoding="latin1")
+            xs.append(torch.as_tensor(e["data"], dtype=torch.uint8).view(-1, 3, 32, 32))
+            ys.append(torch.as_tensor(e["labels" if name == "cifar10" else "fine_labels"]))
+        out[split] = (torch.cat(xs), torch.cat(ys))
+    return out
+
+
+def _read_stl10(root):
+    """STL-10 binary layout: uint8 (N, 3, 96, 96) stored column-major, labels 1..10 (0 = unlabeled)."""
+    d = os.path.join(root, "stl10_binary")
+    if not os.path.exists(os.path.join(d, "unlabeled_X.bin")):
+        _fetch("http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", root)
+
+    def x(f):
+        a = torch.frombuffer(bytearray(open(os.path.join(d, f), "rb").read()), dtype=torch.uint8)
+        return a.view(-1, 3, 96, 96).transpose(2, 3).contiguous()  # column-major -> (N, 3, H, W)
+
+    def y(f):
+        return torch.frombuffer(bytearray(open(os.path.join(d, f), "rb").read()), dtype=torch.uint8).long() - 1
+    return {"train": (x("train_X.bin"), y("train_y.bin")), "test": (x("test_X.bin"), y("test_y.bin")),
+            "unlabeled": (x("unlabeled_X.bin"), None)}
+
+
+def _read_folder(root, size, workers):
+    """Class-subfolder images, resized (shorter side) and centre-cropped to size: {split: (x, y)}, classes.
+
+    Uses root/train and root/val when present, else holds out every 10th file of each class for testing."""
+    from concurrent.futures import ThreadPoolExecutor
+    from PIL import Image
+    exts = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+    if not os.path.isdir(root):
+        raise DataUnavailable(f"the image folder {root} does not exist")
+    splits = {s: os.path.join(root, s) for s in ("train", "val")} if os.path.isdir(os.path.join(root, "train")) \
+        else {"train": root, "val": root}
+    classes = sorted(c for c in os.listdir(splits["train"]) if os.path.isdir(os.path.join(splits["train"], c)))
+    if not classes:
+        raise DataUnavailable(f"{splits['train']} has no class subfolders holding images")
+
+    def load(path):
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                s = size / min(im.size)
+                im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BICUBIC)
+                left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+                return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+        except Exception:
+            return None  # unreadable file: skipped and counted
+
+    out, skipped = {}, 0
+    for split, d in splits.items():
+        items = []
+        for ci, c in enumerate(classes):
+            files = sorted(f for f in os.listdir(os.path.join(d, c)) if f.lower().endswith(exts)) \
+                if os.path.isdir(os.path.join(d, c)) else []
+            if d == root:  # no train/val folders: a fixed 90/10 split
+                files = [f for i, f in enumerate(files) if (i % 10 == 9) == (split == "val")]
+            items += [(os.path.join(d, c, f), ci) for f in files]
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            imgs = list(ex.map(load, [p for p, _ in items]))
+        keep = [i for i, im in enumerate(imgs) if im is not None]
+        skipped += len(items) - len(keep)
+        if not keep:
+            raise DataUnavailable(f"no readable images in the {split} part of {d}")
+        out[split] = (torch.stack([imgs[i] for i in keep]), torch.tensor([items[i][1] for i in keep]))
+    if skipped:
+        print(f"warning: skipped {skipped} unreadable image file(s) in {root}")
+    return out, classes
+
+
+def load_data(args):
+    """(train_images, knn_train_images, knn_train_labels, test_images, test_labels, test_masks or None).
+
+    Images stay uint8 (N, 3, S, S) at their stored size; crops are resized on the fly."""
+    name, root = args.dataset, args.data_dir
+    if name == "scenes":
+        # with --gram-hires the scenes render at 2x, so the Gram teacher really sees more detail
+        size = args.image_size * (2 if args.gram_hires else 1)
+        x, y, _ = make_scenes("train", args.num_images or SCENES_SIZES["train"], size, args.seed)
+        xt, yt, mt = make_scenes("test", SCENES_SIZES["test"], size, args.seed)
+        return x, x, y, xt, yt, mt
+    if name in ("cifar10", "cifar100"):
+        d = _read_cifar(root, name)
+        (x, y), (xt, yt) = d["train"], d["test"]
+        return x[:args.num_images], x, y, xt, yt, None
+    if name == "stl10":
+        d = _read_stl10(root)  # self-supervised training on unlabeled + train, k-NN on train -> test
+        x = torch.cat([d["unlabeled"][0], d["train"][0]])
+        return x[:args.num_images], d["train"][0], d["train"][1], d["test"][0], d["test"][1], None
+    if name == "imagenette":
+        folder = os.path.join(root, "imagenette2-160")
+        if not os.path.isdir(folder):
+            _fetch("https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz", root)
+        root = folder
+    d, _ = _read_folder(root, args.image_size * (2 if args.gram_hires else 1), args.workers)
+    (x, y), (xt, yt) = d["train"], d["val"]
+    return x[:args.num_images], x, y, xt, yt, None
+
+
+# Multi-crop on whole batches of tensors (DINO Sec. 3.1, DINOv2 data/augmentations.py): every crop of
+# a batch is cut by one grid_sample call, and each photometric transform is applied to a random subset
+# with the reference probabilities. It runs wherever the images are (GPU or CPU).
+MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+
+
+def sample_boxes(n, scale, gen, ratio=(3 / 4, 4 / 3)):
+    """RandomResizedCrop boxes in normalised coordinates: (n, 4) as (cx, cy, w, h), and flips (n,)."""
+    area = scale[0] + (scale[1] - scale[0]) * torch.rand(n, generator=gen)
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(n, generator=gen)
+    w = torch.sqrt(area * logr.exp()).clamp(max=1.0)
+    h = torch.sqrt(area / logr.exp()).clamp(max=1.0)
+    cx = w / 2 + (1 - w) * torch.rand(n, generator=gen)
+    cy = h / 2 + (1 - h) * torch.rand(n, generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    return torch.stack([cx, cy, w, h], 1), flip
+
+
+def render_crops(images, boxes, flip, size):
+    """Cut boxes (n,4) out of images (n,3,H,W) in [0,1] and resize to (n,3,size,size), bilinear."""
+    n = images.shape[0]
+    boxes, flip = boxes.to(images.device), flip.to(images.device)
+    theta = torch.zeros(n, 2, 3, device=images.device)
+    theta[:, 0, 0] = boxes[:, 2] * torch.where(flip, -1.0, 1.0)  # horizontal flip = negative x scale
+    theta[:, 0, 2] = boxes[:, 0] * 2 - 1
+    theta[:, 1, 1] = boxes[:, 3]
+    theta[:, 1, 2] = boxes[:, 1] * 2 - 1
+    grid = F.affine_grid(theta, (n, 3, size, size), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _gray(x):
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # (n,1,H,W), ITU-R 601 luma
+
+
+def color_jitter(x, gen, p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) with probability p, on (n,3,H,W) in [0,1].
+
+    Simplification: a fixed order (b, c, s, h) instead of torchvision's random order, and the hue shift as
+    a rotation of the chroma plane in YIQ space instead of HSV."""
+    n, dev = x.shape[0], x.device
+    r = lambda m: (1 + m * (2 * torch.rand(n, 1, 1, 1, generator=gen) - 1)).to(dev)  # noqa: E731
+    y = (x * r(brightness)).clamp(0, 1)
+    mean = _gray(y).mean((2, 3), keepdim=True)
+    y = ((y - mean) * r(contrast) + mean).clamp(0, 1)
+    g = _gray(y)
+    y = ((y - g) * r(saturation) + g).clamp(0, 1)
+    ang = (hue * (2 * torch.rand(n, generator=gen) - 1) * 2 * math.pi).to(dev)
+    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
+    yiq = torch.einsum("ij,njhw->nihw", to_yiq, y)
+    c, s = torch.cos(ang)[:, None, None], torch.sin(ang)[:, None, None]
+    i, q = yiq[:, 1] * c - yiq[:, 2] * s, yiq[:, 1] * s + yiq[:, 2] * c
+    y = torch.einsum("ij,njhw->nihw", torch.linalg.inv(to_yiq), torch.stack([yiq[:, 0], i, q], 1)).clamp(0, 1)
+    apply = (torch.rand(n, generator=gen) < p).to(dev)[:, None, None, None]
+    return torch.where(apply, y, x)
+
+
+def grayscale(x, gen, p=0.2):
+    apply = (torch.rand(x.shape[0], generator=gen) < p).to(x.device)[:, None, None, None]
+    return torch.where(apply, _gray(x).expand_as(x), x)
+
+
+def gaussian_blur(x, gen, p, sigma=(0.1, 2.0)):
+    """GaussianBlur with sigma ~ U(sigma) in pixels of a 224 px crop, scaled to this crop's size."""
+    n, C, H, W = x.shape
+    scale = H / 224  # the reference sigmas are for 224 px crops; keep the blur's share of the crop
+    s = (sigma[0] + (sigma[1] - sigma[0]) * torch.rand(n, generator=gen)).to(x.device) * scale  # (n,)
+    k = 2 * math.ceil(3 * sigma[1] * scale) + 1
+    t = torch.arange(k, device=x.device) - k // 2
+    kern = torch.exp(-t[None] ** 2 / (2 * s[:, None] ** 2))
+    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (n*C, k)
+    y = F.pad(x.reshape(1, n * C, H, W), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, kern[:, None, :, None], groups=n * C)  # vertical pass
+    y = F.conv2d(y, kern[:, None, None, :], groups=n * C).view(n, C, H, W)  # horizontal pass
+    apply = (torch.rand(n, generator=gen) < p).to(x.device)[:, None, None, None]
+    return torch.where(apply, y, x)
+
+
+def solarize(x, gen, p):
+    apply = (torch.rand(x.shape[0], generator=gen) < p).to(x.device)[:, None, None, None]
+    return torch.where(apply & (x >= 0.5), 1 - x, x)  # torchvision threshold 128/255
+
+
+def normalize(x):
+    return (x - MEAN.to(x.device)[:, None, None]) / STD.to(x.device)[:, None, None]
+
+
+def multicrop(images, args, gen):
+    """DINOv2 multi-crop for a uint8 batch (B,3,S,S) -> dict of normalised crops.
+
+    globals (2B,3,G,G): crop 1 blur p=1.0; crop 2 blur p=0.1 and solarize p=0.2   [B crop-1 then B crop-2]
+    locals (L*B,3,l,l): blur p=0.5                                                 [crop-major order]
+    boxes/flips of the global crops are returned so the Gram teacher can re-render the same views."""
+    B = images.shape[0]
+    x = images.float() / 255
+    boxes, flips = sample_boxes(2 * B, args.global_scale, gen)
+    g = render_crops(x.repeat(2, 1, 1, 1), boxes, flips, args.image_size)
+    g = grayscale(color_jitter(g, gen), gen)
+    g1, g2 = g[:B], g[B:]
+    g1 = gaussian_blur(g1, gen, p=1.0)
+    g2 = solarize(gaussian_blur(g2, gen, p=0.1), gen, p=0.2)
+    out = {"globals": normalize(torch.cat([g1, g2])), "boxes": boxes, "flips": flips}
+    if args.local_crops:
+        L = args.local_crops
+        lb, lf = sample_boxes(L * B, args.local_scale, gen)
+        loc = render_crops(x.repeat(L, 1, 1, 1), lb, lf, args.local_size)
+        loc = gaussian_blur(grayscale(color_jitter(loc, gen), gen), gen, p=0.5)
+        out["locals"] = normalize(loc)
+    return out
+
+
+def block_mask(h, w, n_mask, rng, min_block=4, aspect=(0.3, 1 / 0.3)):
+    """BEiT block masking on an (h, w) grid with exactly n_mask patches masked: (h*w,) bool.
+
+    Blocks of area >= min_block and at most half the grid, aspect log-uniform in `aspect`; if the blocks
+    stop fitting, random patches top the mask up to the exact count (as DINOv2's collate does)."""
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    max_block = max(min_block, 0.5 * h * w)
+    count = 0
+    while count < n_mask:
+        budget = min(n_mask - count, max_block)
+        delta = 0
+        for _ in range(10):
+            if budget < min_block:
+                break
+            target = rng.uniform(min_block, budget)
+            ar = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
+            bh, bw = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
+            if bh < h and bw < w:
+                top, left = rng.randint(0, h - bh), rng.randint(0, w - bw)
+                new = bh * bw - int(mask[top:top + bh, left:left + bw].sum())
+                if 0 < new <= budget:
+                    mask[top:top + bh, left:left + bw] = True
+                    delta = new
+                    break
+        if delta == 0:
+            break
+        count += delta
+    flat = mask.flatten()
+    if count < n_mask:  # top up at random
+        free = (~flat).nonzero().squeeze(1).tolist()
+        flat[rng.sample(free, n_mask - count)] = True
+    return flat
+
+
+def ibot_masks(n, grid, args, gen):
+    """Masks for n global crops (n, N): a fraction mask_prob of them masked, with ratios spread evenly over
+    mask_ratio (the i-th masked crop draws its ratio from the i-th slice), the rest unmasked; shuffled."""
+    rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=gen)))
+    h = w = grid
+    n_masked = int(n * args.mask_prob)
+    lo, hi = args.mask_ratio
+    probs = torch.linspace(lo, hi, n_masked + 1).tolist()
+    masks = [block_mask(h, w, int(h * w * rng.uniform(probs[i], probs[i + 1])), rng) for i in range(n_masked)]
+    masks += [torch.zeros(h * w, dtype=torch.bool)] * (n - n_masked)
+    rng.shuffle(masks)
+    return torch.stack(masks)  # (n, N)
+
+
+# -----------------------------------------------------------------------------------------------
+# 3. The backbone: a ViT with register tokens and DINOv3's axial RoPE
+# -----------------------------------------------------------------------------------------------
+
+class RoPE(nn.Module):
+    """DINOv3's axial 2D rotary position embedding: no weights, patch tokens only.
+
+    Patch centres sit at ((arange(0.5, H) / H) * 2 - 1) per axis, in [-1, 1]. Each head's D_h channels
+    carry D_h/4 frequencies per axis with periods base^(2i / (D_h/2)); the H and W angles are concatenated
+    and tiled x2 for rotate-half. In training the coordinates are augmented (shift, per-axis jitter, a
+    global log-uniform rescale: "box jittering"); in eval they are not."""
+
+    def __init__(self, *, head_dim, base=100.0, shift=0.0, jitter=1.0, rescale=2.0):
+        super().__init__()
+        self.shift, self.jitter, self.rescale = shift, jitter, rescale
+        self.register_buffer("periods", base ** (2 * torch.arange(head_dim // 4) / (head_dim // 2)),
+                             persistent=False)  # (D_h/4,)
+
+    def forward(self, h, w):
+        dev = self.periods.device
+        ch, cw = (torch.arange(0.5, h, device=dev) / h) * 2 - 1, (torch.arange(0.5, w, device=dev) / w) * 2 - 1
+        coords = torch.stack(torch.meshgrid(ch, cw, indexing="ij"), -1).flatten(0, 1)  # (N, 2)
+        if self.training:
+            if self.shift > 0:
+                coords = coords + torch.empty(2, device=dev).uniform_(-self.shift, self.shift)
+            if self.jitter > 1:
+                coords = coords * torch.empty(2, device=dev).uniform_(-math.log(self.jitter), math.log(self.jitter)).exp()
+            if self.rescale > 1:
+                coords = coords * torch.empty(1, device=dev).uniform_(-math.log(self.rescale), math.log(self.rescale)).exp()
+        angles = 2 * math.pi * coords[:, :, None] / self.periods  # (N, 2, D_h/4)
+        angles = angles.flatten(1).tile(2)  # (N, D_h): [h-angles, w-angles, h-angles, w-angles]
+        return torch.sin(angles), torch.cos(angles)
+
+
+def rope_apply(x, sin, cos):
+    """Rotate q or k (B, H, T, D_h) by per-token angles: sin, cos (T, D_h). Rows with sin = 0, cos = 1
+    (CLS and registers) pass unchanged, so no slicing is needed."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin  # rotate-half form of a 2D rotation per pair
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with RoPE on patch tokens; fused SDPA unless the maps are asked for."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope=None, return_attn=False):
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        if rope is not None:
+            q, k = rope_apply(q, *rope), rope_apply(k, *rope)
+        attn = None
+        if return_attn:  # the explicit path: softmax(q k^T / sqrt(d)) v, keeping the (B, H, T, T) maps
+            attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+            out = attn @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(out, "b h t d -> b t (h d)")), attn
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init):
+        super().__init__()
+        self.gamma = nn.Parameter(init * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop a sample's whole residual branch with probability p (student only)."""
+    if p == 0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + ls1(attn(norm1 x)), then x + ls2(mlp(norm2 x))."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, layerscale=1e-5, drop_path=0.0):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
+        self.ls1 = LayerScale(dim, layerscale) if layerscale > 0 else nn.Identity()
+        self.ls2 = LayerScale(dim, layerscale) if layerscale > 0 else nn.Identity()
+        self.drop_path = drop_path
+
+    def forward(self, x, rope=None, return_attn=False):
+        a, attn = self.attn(self.norm1(x), rope, return_attn)
+        x = x + drop_path(self.ls1(a), self.drop_path, self.training)
+        x = x + drop_path(self.ls2(self.mlp(self.norm2(x))), self.drop_path, self.training)
+        return x, attn
+
+
+class ViT(nn.Module):
+    """Vision Transformer with [CLS, R registers, N patches] tokens (Darcet et al. 2023) and axial RoPE.
+
+    Registers are learnable tokens with no position encoding, dropped at the output. A mask token
+    replaces masked patch embeddings (iBOT). Works on any image size divisible by the patch size."""
+
+    def __init__(self, *, image_size=32, patch_size=4, dim=192, depth=12, heads=3, num_registers=4,
+                 mlp_ratio=4.0, layerscale=1e-5, drop_path=0.0, rope_base=100.0, rope_shift=0.0,
+                 rope_jitter=1.0, rope_rescale=2.0):
+        super().__init__()
+        self.image_size, self.patch_size, self.dim, self.num_registers = image_size, patch_size, dim, num_registers
+        self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.registers = nn.Parameter(torch.zeros(1, num_registers, dim))  # (1, R, D); R = 0 is allowed
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))  # zero init, as in DINOv2/v3
+        self.rope = RoPE(head_dim=dim // heads, base=rope_base, shift=rope_shift, jitter=rope_jitter,
+                         rescale=rope_rescale)
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, layerscale, drop_path) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.cls_token, std=1e-6)  # DINOv2's init
+        nn.init.normal_(self.registers, std=1e-6)
+        self.apply(_init_weights)
+
+    def forward(self, x, masks=None, return_norms=False, return_attn=False):
+        """x (B,3,H,W), masks (B,N) bool or None -> dict with cls (B,D), registers (B,R,D), patches (B,N,D),
+        all after the final norm; norms (depth+1, B, T) of the residual stream before the final norm (input
+        to block 1 ... output of the last block) and attn [depth x (B,heads,T,T)] when asked."""
+        x = self.patch_embed(x)  # (B, D, h, w)
+        h, w = x.shape[-2:]
+        x = rearrange(x, "b d h w -> b (h w) d")  # (B, N, D)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        B = x.shape[0]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), self.registers.expand(B, -1, -1), x], dim=1)  # (B, 1+R+N, D)
+        sin, cos = self.rope(h, w)  # (N, D_h) for the patches; CLS and registers get the identity rotation
+        P = 1 + self.num_registers
+        rope = (F.pad(sin, (0, 0, P, 0)), F.pad(cos, (0, 0, P, 0), value=1.0))  # (1+R+N, D_h)
+        norms, attns = [], []
+        for blk in self.blocks:
+            if return_norms:
+                norms.append(x.norm(dim=-1))
+            x, attn = blk(x, rope, return_attn)
+            attns.append(attn)
+        if return_norms:
+            norms.append(x.norm(dim=-1))
+        x = self.norm(x)
+        R = self.num_registers
+        out = {"cls": x[:, 0], "registers": x[:, 1:1 + R], "patches": x[:, 1 + R:], "grid": (h, w)}
+        if return_norms:
+            out["norms"] = torch.stack(norms)  # (depth+1, B, 1+R+N)
+        if return_attn:
+            out["attn"] = attns
+        return out
+
+
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def build_backbone(args, student=True):
+    return ViT(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
+               heads=args.heads, num_registers=args.registers, layerscale=args.layerscale,
+               drop_path=args.drop_path if student else 0.0, rope_shift=args.rope_shift,
+               rope_jitter=args.rope_jitter, rope_rescale=args.rope_rescale)
+
+
+# -----------------------------------------------------------------------------------------------
+# 4. Heads
+# -----------------------------------------------------------------------------------------------
+
+class DINOHead(nn.Module):
+    """MLP D -> hidden -> hidden -> bottleneck, L2-normalise, then K prototypes (a bias-free linear layer).
+
+    DINOv2 weight-normalised the prototypes; DINOv3 does not. The same class serves as the iBOT head."""
+
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
+        super().__init__()
+        self.norm_last_layer = norm_last_layer
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        self.apply(_init_weights)
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)  # (.., bottleneck)
+        if self.norm_last_layer:  # DINO/DINOv2: unit-norm prototypes, so logits are cosines in [-1, 1]
+            return F.linear(x, F.normalize(self.last_layer.weight, dim=-1))  # (.., K)
+        return self.last_layer(x)  # (.., K)
+
+
+class DINOModel(nn.Module):
+    """Backbone + DINO head + iBOT head: the student and (as an EMA copy) the teacher.
+
+    forward(globals, locals, masks) runs the two global crops (masked when mask_input) and the local
+    crops, and returns what the losses need:
+      cls (2B,D), patches (2B,N,D)               global crops, after the final norm (KoLeo, Gram)
+      cls_logits (2B + L*B, K)                    DINO head on every crop's CLS  [globals, then locals]
+      patch_logits (M, K)                         iBOT head on the M patches where masks is True"""
+
+    def __init__(self, backbone, prototypes, head_hidden, head_bottleneck):
+        super().__init__()
+        self.backbone = backbone
+        self.dino_head = DINOHead(backbone.dim, prototypes, head_hidden, head_bottleneck)
+        self.ibot_head = DINOHead(backbone.dim, prototypes, head_hidden, head_bottleneck)
+
+    def forward(self, global_crops, local_crops=None, masks=None, mask_input=True):
+        g = self.backbone(global_crops, masks=masks if mask_input else None)
+        cls = [g["cls"]]
+        if local_crops is not None:
+            cls.append(self.backbone(local_crops)["cls"])
+        out = {"cls": g["cls"], "patches": g["patches"], "cls_logits": self.dino_head(torch.cat(cls))}
+        if masks is not None:
+            out["patch_logits"] = self.ibot_head(g["patches"][masks])  # (M, K)
+        return out
+
+
+# -----------------------------------------------------------------------------------------------
+# 5. Losses. Each works on plain tensors and without torch.distributed; when it is initialised, the
+# sums that span the batch are all-reduced.
+# -----------------------------------------------------------------------------------------------
+
+def _all_reduce(x):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits, temp, n_iters=3):
+    """Sinkhorn-Knopp centring of teacher logits (B, K) -> targets (B, K) whose rows sum to 1 (DINOv3, SwAV).
+
+    Q = exp(logits / temp); Q /= sum(Q); then n_iters of (rows /= row sums, /= K; cols /= col sums, /= B);
+    return Q * B. Balances the prototypes so the teacher cannot collapse onto one; columns approach B/K."""
+    Q = torch.exp((teacher_logits.float() - teacher_logits.float().max()) / temp).t()  # (K, B); the max
+    # shift cancels in the normalisation and keeps exp finite
+    B = torch.tensor(Q.shape[1], device=Q.device, dtype=torch.float)
+    B = _all_reduce(B)
+    K = Q.shape[0]
+    Q /= _all_reduce(Q.sum())
+    for _ in range(n_iters):
+        Q /= _all_reduce(Q.sum(dim=1, keepdim=True))  # each prototype gets total mass 1/K
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)  # each sample gets total mass 1/B
+        Q /= B
+    return (Q * B).t()  # (B, K)
+
+
+def dino_loss(student_logits, teacher_probs, n_global=2, student_temp=0.1):
+    """DINO loss: cross-entropy H(P_t, P_s) over every (student crop, teacher global crop) pair but the same crop.
+
+    student_logits (C*B, K) crop-major with the n_global global crops first; teacher_probs (n_global*B, K).
+    Local pairs and global pairs are averaged separately and combined by their counts, which is the
+    reference's 16/18 and 2/18 with 8 local crops."""
+    t = teacher_probs.chunk(n_global)
+    s = F.log_softmax(student_logits.float() / student_temp, dim=-1).chunk(len(student_logits) // len(t[0]))
+    glob, loc = [], []
+    for i, ti in enumerate(t):
+        for j, sj in enumerate(s):
+            if j == i:
+                continue  # the same global crop on both sides: skipped
+            (glob if j < n_global else loc).append(-(ti * sj).sum(-1).mean())
+    n_g, n_l = len(glob), len(loc)
+    loss_g = sum(glob) / n_g if n_g else 0.0  # mean over global pairs
+    loss_l = sum(loc) / n_l if n_l else 0.0  # mean over local pairs
+    return (n_g * loss_g + n_l * loss_l) / (n_g + n_l)
+
+
+def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1):
+    """iBOT loss: cross-entropy at masked positions. student (M, K), teacher (M, K), masks (B, N) bool.
+
+    Each image's masked tokens are averaged, then the images that have masked tokens are averaged."""
+    ce = -(teacher_patch_probs * F.log_softmax(student_patch_logits.float() / student_temp, dim=-1)).sum(-1)  # (M,)
+    per_image = masks.sum(1)  # (B,)
+    weight = (1.0 / per_image.clamp(min=1)).unsqueeze(1).expand_as(masks)[masks]  # (M,)
+    n_images = (per_image > 0).sum().clamp(min=1)
+    return (ce * weight).sum() / n_images
+
+
+def koleo_loss(x, eps=1e-8):
+    """KoLeo (Sablayrolles et al. 2019): -mean_i log(min_{j != i} ||x_i - x_j||), x (B, D) L2-normalised here.
+
+    Spreads the batch's features uniformly; on one process's batch, as in the reference."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    with torch.no_grad():
+        sim = x @ x.t()  # (B, B)
+        sim.fill_diagonal_(-2.0)  # never pick yourself
+        nn_idx = sim.argmax(dim=1)  # (B,) nearest neighbour = highest cosine
+    dist_nn = F.pairwise_distance(x, x[nn_idx], eps=eps)  # (B,)
+    return -torch.log(dist_nn + eps).mean()
+
+
+def gram_loss(student_patches, teacher_patches):
+    """Gram anchoring (DINOv3 Eq. 2): || X_S X_S^T - X_G X_G^T ||^2 per image, averaged over entries (MSE).
+
+    student_patches, teacher_patches (B, N, D): L2-normalised here, one Gram matrix (B, N, N) per image,
+    negative similarities kept. It constrains only the patch-to-patch cosine structure: the features
+    themselves may rotate or rescale freely."""
+    s = F.normalize(student_patches.float(), dim=-1)
+    t = F.normalize(teacher_patches.float(), dim=-1)
+    return (s @ s.transpose(1, 2) - t @ t.transpose(1, 2)).pow(2).mean()
+
+
+# -----------------------------------------------------------------------------------------------
+# 6. Teachers: the EMA teacher and the Gram teacher
+# -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """teacher <- momentum * teacher + (1 - momentum) * student, parameter by parameter (one fused op)."""
+    t = [p for p in teacher.parameters()]
+    s = [p.detach() for p in student.parameters()]
+    torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+def make_gram_teacher(teacher_backbone):
+    """A frozen, backbone-only copy of the EMA teacher as it is now: the Gram teacher (DINOv3 Sec. 4.2)."""
+    g = copy.deepcopy(teacher_backbone).eval()
+    for p in g.parameters():
+        p.requires_grad_(False)
+    return g
+
+
+@torch.no_grad()
+def gram_teacher_patches(gram_teacher, images, crops, args):
+    """Patch features (2B, N, D) of the Gram teacher on the student's global views.
+
+    Normal mode: the same (colour-augmented) global crops as the EMA teacher. --gram-hires: the same boxes
+    re-rendered at 2x without colour distortion, patch map bicubic-downsampled to the student's grid."""
+    if not args.gram_hires:
+        return gram_teacher(crops["globals"])["patches"]
+    x = images.float().div(255).repeat(2, 1, 1, 1)
+    hi = normalize(render_crops(x, crops["boxes"], crops["flips"], 2 * args.image_size))
+    out = gram_teacher(hi)
+    h, w = out["grid"]
+    fmap = rearrange(out["patches"], "b (h w) d -> b d h w", h=h, w=w)
+    g = args.image_size // args.patch_size
+    fmap = F.interpolate(fmap.float(), size=(g, g), mode="bicubic", align_corners=False)
+    return rearrange(fmap, "b d h w -> b (h w) d")
+
+
+# -----------------------------------------------------------------------------------------------
+# 7. Training
+# -----------------------------------------------------------------------------------------------
+
+def print0(*a, **k):
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        print(*a, **k, flush=True)
+
+
+def pick_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cosine_schedule(base, final, total, warmup=0, start=0.0):
+    """Per-iteration values: linear warmup start -> base over `warmup` iterations, then cosine base -> final."""
+    warm = torch.linspace(start, base, warmup + 1)[:-1] if warmup > 0 else torch.zeros(0)
+    t = torch.arange(max(0, total - warmup)) / max(1, total - warmup)
+    return torch.cat([warm, final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))]).tolist()
+
+
+def make_schedules(args, steps_per_epoch):
+    """Precomputed per-iteration lr, weight decay, EMA momentum and teacher temperature (as in DINO)."""
+    total = args.epochs * steps_per_epoch
+    lr = args.lr * math.sqrt(args.batch_size / 1024)  # DINOv2's sqrt scaling rule
+    warm_t = args.teacher_temp_warmup_epochs * steps_per_epoch
+    temp = torch.linspace(args.warmup_teacher_temp, args.teacher_temp, warm_t).tolist() + \
+        [args.teacher_temp] * max(0, total - warm_t)
+    return {"lr": cosine_schedule(lr, args.min_lr, total, args.warmup_epochs * steps_per_epoch),
+            "wd": cosine_schedule(args.weight_decay[0], args.weight_decay[1], total),
+            "momentum": cosine_schedule(args.momentum[0], args.momentum[1], total),
+            "teacher_temp": temp[:total]}
+
+
+def param_groups(model, depth, layer_decay):
+    """AdamW groups: no weight decay on biases, norms, tokens and LayerScale; layer-wise lr decay
+    (block i gets decay^(depth - i), the patch embedding a further x0.2); the prototypes marked so
+    they can be frozen in the first epoch."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_wd = p.ndim == 1 or name.endswith(("cls_token", "registers", "mask_token", ".bias")) or ".gamma" in name
+        layer = depth + 1  # heads and the final norm
+        if name.startswith("backbone.") and ".blocks." not in f".{name[9:]}" and not name.startswith("backbone.norm"):
+            layer = 0  # patch embedding and tokens
+        elif name.startswith("backbone.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        lr_mult = layer_decay ** (depth + 1 - layer) * (0.2 if "patch_embed" in name else 1.0)
+        last = "last_layer" in name
+        key = (lr_mult, no_wd, last)
+        if key not in groups:
+            groups[key] = {"params": [], "lr_mult": lr_mult, "wd_mult": 0.0 if no_wd else 1.0, "last_layer": last}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def shard(x, n_groups, rank, world):
+    """This process's share of a crop-major batch (n_groups*B, ...): the same slice of every crop group."""
+    if world == 1:
+        return x
+    x = x.view(n_groups, -1, *x.shape[1:])
+    b = x.shape[1] // world
+    return x[:, rank * b:(rank + 1) * b].flatten(0, 1)
+
+
+def compute_losses(student, teacher, gram_teacher, images, crops, masks, it, sched, args):
+    """One step's losses, the paper's sum: DINO + iBOT + KoLeo + Gram. Returns (total, parts, stats)."""
+    temp = sched["teacher_temp"][it]
+    with torch.no_grad():  # the teacher sees the unmasked global crops (eval mode: no drop path, no RoPE jitter)
+        t = teacher(crops["globals"], masks=masks, mask_input=False)
+        t_cls = sinkhorn_knopp(t["cls_logits"], temp)  # (2B, K)
+        t_patch = sinkhorn_knopp(t["patch_logits"], temp) if masks is not None else None  # (M, K)
+    s = student(crops["globals"], crops.get("locals"), masks=masks)
+    parts = {"dino": dino_loss(s["cls_logits"], t_cls, 2, args.student_temp)}
+    if masks is not None:
+        parts["ibot"] = ibot_loss(s["patch_logits"], t_patch, masks, args.student_temp)
+    if args.koleo_weight > 0:
+        parts["koleo"] = sum(koleo_loss(c) for c in s["cls"].chunk(2))  # 0.1 x 2 x mean over crops
+    gram_w = gram_weight(it, sched, args)
+    if gram_teacher is not None and gram_w > 0:
+        parts["gram"] = gram_loss(s["patches"], gram_teacher_patches(gram_teacher, images, crops, args))
+    weights = {"dino": 1.0, "ibot": args.ibot_weight, "koleo": args.koleo_weight, "gram": gram_w}
+    total = sum(weights[k] * v for k, v in parts.items())
+    stats = {"teacher_entropy": -(t_cls * torch.log(t_cls + 1e-12)).sum(-1).mean().detach()}
+    return total, parts, stats
+
+
+def gram_weight(it, sched, args):
+    """Gram weight at iteration it: 0 before --gram-start, then a cosine ramp up to --gram-weight."""
+    if not args.gram:
+        return 0.0
+    spe = sched["steps_per_epoch"]
+    start = args.gram_start * spe
+    if it < start:
+        return 0.0
+    ramp = max(1, round(args.gram_ramp_epochs * spe))
+    return args.gram_weight * 0.5 * (1 - math.cos(math.pi * min(1.0, (it - start) / ramp)))
+
+
+def save_checkpoint(path, state):
+    """Atomic: write to a temp file in the same folder, then rename over the old one."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".checkpoint-", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+ARCH_KEYS = ("dim", "depth", "heads", "registers", "patch_size", "prototypes", "head_hidden", "head_bottleneck",
+             "layerscale")
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def load_checkpoint(path, args=None):
+    """Load a checkpoint dict; refuse (CheckpointError) one that is truncated, not ours, or of another model."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} does not exist") from None
+    except Exception as e:
+        raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({type(e).__name__})") from None
+    if not isinstance(ck, dict) or "teacher" not in ck or "args" not in ck:
+        raise CheckpointError(f"{path} is not a dinov3_mini checkpoint")
+    if args is not None:
+        diff = [f"{k}: checkpoint {ck['args'].get(k)} vs now {getattr(args, k)}" for k in ARCH_KEYS
+                if ck["args"].get(k) != getattr(args, k)]
+        if diff:
+            raise CheckpointError(f"{path} was trained with a different configuration ({'; '.join(diff)})")
+    return ck
+
+
+class Stop:
+    """Remembers a SIGINT/SIGTERM so the loop can finish its step, save, and exit cleanly."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self, signum, frame):
+        self.signal = signum
+
+
+def train(args):
+    """Train; returns the summary dict (also written to --out-dir/summary.json)."""
+    # ---- device, distributed, seeds: handled once, here
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = pick_device(args.device)
+    if ddp:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if args.batch_size % world:
+            raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the {world} processes")
+    else:
+        rank, world = 0, 1
+    master = rank == 0
+    print0(f"device: {device}" + (f" x {world} processes" if ddp else ""))
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()  # bf16: GPU only
+    os.makedirs(args.out_dir, exist_ok=True)
+    ck_path = os.path.join(args.out_dir, "checkpoint.pt")
+    log_path = os.path.join(args.out_dir, "log.jsonl")
+
+    # ---- data: uint8 tensors in memory (on the GPU if there is one); crops are made on the fly
+    x_train, x_knn, y_knn, x_test, y_test, _ = load_data(args)
+    if args.batch_size > len(x_train):
+        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(x_train)} training images")
+    x_train = x_train.to(device)
+    steps_per_epoch = len(x_train) // args.batch_size  # drop the last partial batch
+    sched = make_schedules(args, steps_per_epoch)
+    sched["steps_per_epoch"] = steps_per_epoch
+    total_steps = args.epochs * steps_per_epoch
+    grid = args.image_size // args.patch_size
+
+    # ---- models: student, EMA teacher (same init), optional Gram teacher
+    torch.manual_seed(args.seed)
+    student = DINOModel(build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck).to(device)
+    teacher = DINOModel(build_backbone(args, student=False), args.prototypes, args.head_hidden,
+                        args.head_bottleneck).to(device)
+    teacher.load_state_dict(student.state_dict())
+    teacher.eval().requires_grad_(False)
+    gram_teacher, gram_refreshes = None, 0
+    opt = torch.optim.AdamW(param_groups(student, args.depth, args.layer_decay), betas=(0.9, 0.999),
+                            fused=device.type == "cuda")
+    last_layer = [p for g in opt.param_groups if g["last_layer"] for p in g["params"]]
+    gen = torch.Generator().manual_seed(args.seed + 1000 * rank)  # augmentation and masks
+    gen.manual_seed(args.seed)  # every rank draws the same global batch, then takes its shard
+    start_step, baselines = 0, None
+
+    if args.resume:
+        ck = load_checkpoint(ck_path, args)
+        student.load_state_dict(ck["student"])
+        teacher.load_state_dict(ck["teacher"])
+        opt.load_state_dict(ck["optimizer"])
+        if ck.get("gram_teacher") is not None:
+            gram_teacher = make_gram_teacher(teacher.backbone)
+            gram_teacher.load_state_dict(ck["gram_teacher"])
+        gram_refreshes = ck.get("gram_refreshes", 0)
+        start_step, baselines = ck["step"], ck["baselines"]
+        gen.set_state(ck["gen_state"])
+        torch.set_rng_state(ck["rng_state"])
+        print0(f"resumed from {ck_path} at step {start_step} (epoch {start_step // steps_per_epoch})")
+    elif master:
+        open(log_path, "w").close()
+    if args.gram and args.gram_teacher and gram_teacher is None:
+        gram_teacher = make_gram_teacher(teacher.backbone)
+        gram_teacher.load_state_dict(load_checkpoint(args.gram_teacher)["teacher_backbone"])
+    if baselines is None:  # what k-NN gets without self-supervised learning
+        baselines = {"knn_acc_raw_pixels": knn_raw_pixels(x_knn, y_knn, x_test, y_test, args),
+                     **knn_random_init(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)}
+        print0("baselines: " + ", ".join(f"{k} {v:.3f}" for k, v in baselines.items()))
+
+    model = student
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+                                                    else None, find_unused_parameters=args.ibot_weight == 0)
+    if args.compile:
+        model, teacher_fwd = torch.compile(model), torch.compile(teacher)
+    else:
+        teacher_fwd = teacher
+
+    def checkpoint_state(step):
+        return {"student": student.state_dict(), "teacher": teacher.state_dict(),
+                "teacher_backbone": teacher.backbone.state_dict(), "optimizer": opt.state_dict(),
+                "gram_teacher": gram_teacher.state_dict() if gram_teacher is not None else None,
+                "gram_refreshes": gram_refreshes, "step": step, "args": vars(args), "baselines": baselines,
+                "gen_state": gen.get_state(), "rng_state": torch.get_rng_state()}
+
+    stop = Stop()
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \
+        if master and not ddp else {}
+    log = open(log_path, "a") if master else None
+    bar = None
+    if master and not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
+    acc, acc_n, t_log, t0, knn_acc = {}, 0, time.time(), time.time(), None
+    train_time, step = 0.0, start_step
+    try:
+        while step < total_steps:
+            epoch, i = divmod(step, steps_per_epoch)
+            if i == 0 or step == start_step:
+                perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
+            if i == 0 and args.gram and args.gram_teacher is None:  # the Gram teacher: snapshot, then refreshes
+                due = epoch == args.gram_teacher_epoch or (
+                    args.gram_refresh_every and epoch > args.gram_start and gram_refreshes < args.gram_refresh_max
+                    and (epoch - args.gram_start) % args.gram_refresh_every == 0)
+                if due:
+                    gram_refreshes += gram_teacher is not None
+                    gram_teacher = make_gram_teacher(teacher.backbone)
+                    print0(f"epoch {epoch}: Gram teacher = EMA teacher snapshot (refreshes so far: {gram_refreshes})")
+
+            # ---- the training step
+            t_step = time.time()
+            images = x_train[perm[i * args.batch_size:(i + 1) * args.batch_size].to(device)]  # (B, 3, S, S) uint8
+            crops = multicrop(images, args, gen)
+            masks = ibot_masks(2 * args.batch_size, grid, args, gen).to(device) if args.ibot_weight > 0 else None
+            images = shard(images, 1, rank, world)
+            crops = {k: shard(v, 2 if k in ("globals", "boxes", "flips") else args.local_crops, rank, world)
+                     for k, v in crops.items()}
+            masks = shard(masks, 2, rank, world) if masks is not None else None
+            for g in opt.param_groups:
+                g["lr"] = sched["lr"][step] * g["lr_mult"]
+                g["weight_decay"] = sched["wd"][step] * g["wd_mult"]
+            with amp:
+                total, parts, stats = compute_losses(model, teacher_fwd, gram_teacher, images, crops, masks,
+                                                     step, sched, args)
+            if not torch.isfinite(total):
+                bad = [k for k, v in parts.items() if not torch.isfinite(v)]
+                raise FloatingPointError(f"the loss became non-finite at step {step} (epoch {epoch}) in part(s) "
+                                         f"{', '.join(bad) or 'total'}; the last good checkpoint in {ck_path} is intact."
+                                         " Lower --lr, raise --warmup-epochs or check the data.")
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if args.clip_grad > 0:
+                nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+            if epoch < args.freeze_last_layer_epochs:  # DINO: keep the prototypes fixed in the first epoch
+                for p in last_layer:
+                    p.grad = None
+            opt.step()
+            ema_update(teacher, student, sched["momentum"][step])
+            step += 1
+            train_time += time.time() - t_step
+
+            # ---- diagnostics: logging, evaluation, checkpoints
+            for k, v in {**parts, **stats, "loss": total}.items():
+                acc[k] = acc.get(k, 0.0) + v.detach().float()
+            acc_n += 1
+            if step % args.log_every == 0 or step == total_steps:
+                now = time.time()
+                rec = {"type": "step", "step": step, "epoch": step / steps_per_epoch,
+                       **{k: round(v.item() / acc_n, 5) for k, v in acc.items()},
+                       "lr": sched["lr"][step - 1], "wd": sched["wd"][step - 1],
+                       "momentum": sched["momentum"][step - 1], "teacher_temp": sched["teacher_temp"][step - 1],
+                       "gram_weight": gram_weight(step - 1, sched, args),
+                       "img_per_s": round(acc_n * args.batch_size / (now - t_log), 1)}
+                rec["dino_over_lnK"] = round(rec["dino"] / math.log(args.prototypes), 4)
+                acc, acc_n, t_log = {}, 0, now
+                if master:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                if bar is not None:
+                    bar.set_postfix({k: rec[k] for k in ("loss", "dino", "ibot", "koleo", "gram", "lr", "img_per_s")
+                                     if k in rec}, refresh=False)
+            if bar is not None:
+                bar.update(1)
+            epoch_end = step % steps_per_epoch == 0
+            if epoch_end and ((step // steps_per_epoch) % args.eval_every == 0 or step == total_steps):
+                knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)
+                if master:
+                    log.write(json.dumps({"type": "eval", "step": step, "epoch": step // steps_per_epoch,
+                                          "knn_acc": knn_acc}) + "\n")
+                    log.flush()
+                print0(f"\nepoch {step // steps_per_epoch}: k-NN accuracy {knn_acc:.4f}")
+            if master and (epoch_end or stop.signal is not None):
+                save_checkpoint(ck_path, checkpoint_state(step))
+            if stop.signal is not None:
+                name = signal.Signals(stop.signal).name
+                print0(f"\n{name}: saved {ck_path} at step {step}; continue with the same command and --resume.")
+                raise SystemExit(128 + stop.signal)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    if knn_acc is None:  # resumed a finished run
+        knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)
+    summary = {"knn_acc": knn_acc, **baselines,
+               "images_per_s": round((step - start_step) * args.batch_size / max(train_time, 1e-9), 1),
+               "wall_s": round(time.time() - t0, 1), "device": str(device), "steps": step, "config": vars(args)}
+    if master:
+        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        best = max(baselines["knn_acc_raw_pixels"], baselines["knn_acc_random_init"])
+        print0(f"\nk-NN accuracy: trained {knn_acc:.4f} | random-init ViT {baselines['knn_acc_random_init']:.4f} | "
+               f"raw pixels {baselines['knn_acc_raw_pixels']:.4f} | gain over the better baseline "
+               f"{100 * (knn_acc - best):+.1f} points")
+        print0(f"{summary['images_per_s']} images/s on {device}, {summary['wall_s']} s in all. Files: {ck_path}, "
+               f"{log_path}, {os.path.join(args.out_dir, 'summary.json')}")
+    if ddp:
+        dist.destroy_process_group()
+    return summary
+
+
+# -----------------------------------------------------------------------------------------------
+# 8. Evaluation: weighted k-NN (DINO Sec. 4.1) and the two baselines
+# -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def extract_features(backbone, images, image_size, device, pool="cls", batch=256):
+    """Features (N, D) of uint8 images (N,3,S,S): the CLS token, or the mean of the patch tokens."""
+    was_training = backbone.training
+    backbone.eval()
+    feats = []
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].to(device).float() / 255
+        if x.shape[-1] != image_size:
+            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        out = backbone(normalize(x))
+        feats.append((out["cls"] if pool == "cls" else out["patches"].mean(1)).float().cpu())
+    backbone.train(was_training)
+    return torch.cat(feats)
+
+
+@torch.no_grad()
+def knn_classify(train_f, train_y, test_f, test_y, k=20, temp=0.07, chunk=1024):
+    """Weighted k-NN (Wu et al. 2018, as in DINO): cosine similarity, top k neighbours vote exp(sim / temp)."""
+    train_f, test_f = F.normalize(train_f.float(), dim=1), F.normalize(test_f.float(), dim=1)
+    C = int(train_y.max()) + 1
+    correct = 0
+    for i in range(0, len(test_f), chunk):
+        sim = test_f[i:i + chunk] @ train_f.t()  # (n, N_train)
+        s, idx = sim.topk(min(k, len(train_f)), dim=1)
+        votes = torch.zeros(len(s), C).scatter_add_(1, train_y[idx], (s / temp).exp())  # (n, C)
+        correct += (votes.argmax(1) == test_y[i:i + chunk]).sum().item()
+    return correct / len(test_f)
+
+
+KNN_BANK = 10000  # k-NN memory bank: at most this many training images (enough for 10 classes)
+
+
+def evaluate_knn(backbone, x_train, y_train, x_test, y_test, args, device):
+    xb, yb = x_train[:KNN_BANK], y_train[:KNN_BANK]
+    f_tr = extract_features(backbone, xb, args.image_size, device)
+    f_te = extract_features(backbone, x_test, args.image_size, device)
+    return knn_classify(f_tr, yb, f_te, y_test, args.knn_k, args.knn_temp)
+
+
+def knn_raw_pixels(x_train, y_train, x_test, y_test, args):
+    """Baseline: k-NN on the normalised raw pixels (at most 32x32, so the vectors stay small)."""
+    def flat(x):
+        x = x.float() / 255
+        if x.shape[-1] > 32:
+            x = F.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        x = x.flatten(1)
+        return x - x.mean(1, keepdim=True)
+    return knn_classify(flat(x_train[:KNN_BANK]), y_train[:KNN_BANK], flat(x_test), y_test, args.knn_k, args.knn_temp)
+
+
+def knn_random_init(backbone, x_train, y_train, x_test, y_test, args, device):
+    """Baseline: the same ViT at initialisation. With LayerScale 1e-5 its CLS token barely sees the image, so
+    we also read the mean of its patch tokens, and report the better of the two."""
+    xb, yb = x_train[:KNN_BANK], y_train[:KNN_BANK]
+    res = {}
+    for pool in ("cls", "mean"):
+        res[pool] = knn_classify(extract_features(backbone, xb, args.image_size, device, pool), yb,
+                                 extract_features(backbone, x_test, args.image_size, device, pool), y_test,
+                                 args.knn_k, args.knn_temp)
+    return {"knn_acc_random_init": max(res.values()), "knn_acc_random_init_cls": res["cls"],
+            "knn_acc_random_init_meanpatch": res["mean"]}
+
+
+# -----------------------------------------------------------------------------------------------
+# 9. Command line
+# -----------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = get_args_parser()
+    args = resolve_args(parser.parse_args(argv), parser)
+    ck = os.path.join(args.out_dir, "checkpoint.pt")
+    if os.path.exists(ck) and not (args.resume or args.overwrite):
+        parser.error(f"{args.out_dir} already holds a run (checkpoint.pt). Add --resume to continue it, "
+                     "--overwrite to start again in its place, or choose another --out-dir.")
+    if args.resume and not os.path.exists(ck):
+        parser.error(f"--resume: there is no checkpoint.pt in {args.out_dir} to continue from.")
+    try:
+        return train(args)
+    except DataUnavailable as e:
+        print(f"error: the {args.dataset} data could not be loaded: {e}. This machine may have no network. "
+              f"`--dataset scenes` is built in and needs no download; or point --data-dir at an existing copy "
+              f"(for cifar10, the folder that holds cifar-10-batches-py/; for stl10, stl10_binary/; for imagenette, "
+              f"imagenette2-160/; for folder, the image folder itself).", file=sys.stderr)
+        sys.exit(1)
+    except CheckpointError as e:
+        print(f"error: cannot resume: {e}. Nothing was overwritten.", file=sys.stderr)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

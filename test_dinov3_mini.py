@@ -1,0 +1,457 @@
+"""Tests: each component against its defining property, then end-to-end runs and the command line.
+
+    python -m pytest -q test_dinov3_mini.py        # about a few minutes on a 2-core CPU, no network
+"""
+import json
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dinov3_mini as m
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--dim", "32", "--depth", "2", "--heads", "2", "--head-hidden", "64", "--prototypes", "64",
+        "--num-images", "64", "--batch-size", "16", "--local-crops", "2", "--no-progress", "--log-every", "1"]
+
+
+def assert_close(a, b, atol=1e-5, rtol=1e-5):
+    diff = (a - b).abs().max().item()
+    assert torch.allclose(a, b, atol=atol, rtol=rtol), f"max abs difference {diff}"
+
+
+def args_for(*argv):
+    p = m.get_args_parser()
+    return m.resolve_args(p.parse_args(list(argv)), p)
+
+
+# ---- losses ------------------------------------------------------------------------------------
+
+def test_gram_loss_invariances():
+    torch.manual_seed(0)
+    x = torch.randn(3, 16, 8)
+    q, _ = torch.linalg.qr(torch.randn(8, 8))  # a random orthogonal matrix
+    assert m.gram_loss(x, x).item() < 1e-10
+    assert m.gram_loss(x, 3.7 * x @ q).item() < 1e-10  # rescaled and rotated: same Gram matrix
+    assert m.gram_loss(x, torch.randn(3, 16, 8)).item() > 1e-2
+    # the definition: mean over entries of the squared difference of cosine-similarity matrices
+    y = torch.randn(3, 16, 8)
+    xn, yn = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    ref = ((xn @ xn.transpose(1, 2) - yn @ yn.transpose(1, 2)) ** 2).mean()
+    assert_close(m.gram_loss(x, y), ref)
+
+
+def test_sinkhorn_rows_and_columns():
+    torch.manual_seed(0)
+    B, K = 64, 16
+    logits = torch.randn(B, K) * 3 + torch.arange(K) * 0.5  # skewed towards high prototypes
+    Q = m.sinkhorn_knopp(logits, temp=0.1, n_iters=3)
+    assert_close(Q.sum(1), torch.ones(B), atol=1e-5)  # each row a distribution
+    assert (Q.sum(0) - B / K).abs().max() < 0.5 * B / K  # columns close to balanced after 3 iterations
+    Q50 = m.sinkhorn_knopp(logits, temp=0.1, n_iters=50)
+    assert_close(Q50.sum(0), torch.full((K,), B / K), atol=1e-2)  # and balanced in the limit
+    # centring matters: the plain softmax puts far more mass on the favourite prototypes
+    assert (F.softmax(logits / 0.1, -1).sum(0) - B / K).abs().max() > (Q.sum(0) - B / K).abs().max()
+
+
+def test_dino_loss_pairs_and_weighting():
+    torch.manual_seed(0)
+    B, K, L = 4, 10, 3
+    s = torch.randn((2 + L) * B, K)
+    t = F.softmax(torch.randn(2 * B, K), -1)
+    ls = F.log_softmax(s / 0.1, -1).chunk(2 + L)
+    tt = t.chunk(2)
+    pairs = [-(tt[i] * ls[j]).sum(-1).mean() for i in range(2) for j in range(2 + L) if i != j]
+    assert len(pairs) == 2 * L + 2
+    assert_close(m.dino_loss(s, t, 2, 0.1), torch.stack(pairs).mean())
+    # with 8 local crops the local pairs weigh 16/18 and the global pairs 2/18, as in the reference
+    s8 = torch.randn(10 * B, K)
+    ls8 = F.log_softmax(s8 / 0.1, -1).chunk(10)
+    glob = torch.stack([-(tt[0] * ls8[1]).sum(-1).mean(), -(tt[1] * ls8[0]).sum(-1).mean()]).mean()
+    loc = torch.stack([-(tt[i] * ls8[j]).sum(-1).mean() for i in range(2) for j in range(2, 10)]).mean()
+    assert_close(m.dino_loss(s8, t, 2, 0.1), 16 / 18 * loc + 2 / 18 * glob)
+
+
+def test_ibot_loss_averages_per_image():
+    torch.manual_seed(0)
+    masks = torch.zeros(3, 6, dtype=torch.bool)
+    masks[0, :1] = True  # 1 masked patch
+    masks[2, :4] = True  # 4 masked patches; image 1 has none
+    M, K = int(masks.sum()), 7
+    s, t = torch.randn(M, K), F.softmax(torch.randn(M, K), -1)
+    ce = -(t * F.log_softmax(s / 0.1, -1)).sum(-1)
+    ref = (ce[0] + ce[1:].mean()) / 2  # mean within each image, then over the 2 masked images
+    assert_close(m.ibot_loss(s, t, masks, 0.1), ref)
+
+
+def test_koleo_loss_value():
+    x = torch.eye(4) * 5.0  # after normalisation: orthonormal, every nearest neighbour at sqrt(2)
+    assert_close(m.koleo_loss(x), torch.tensor(-math.log(math.sqrt(2))), atol=1e-6)
+    close = torch.tensor([[1.0, 0.0], [1.0, 0.01], [-1.0, 0.0], [-1.0, 0.01]])
+    assert m.koleo_loss(close) > m.koleo_loss(x)  # crowded points cost more
+
+
+# ---- backbone ----------------------------------------------------------------------------------
+
+def test_vit_outputs_and_registers_never_among_patches():
+    vit = m.ViT(image_size=32, patch_size=4, dim=32, depth=0, heads=2, num_registers=3)
+    with torch.no_grad():
+        vit.registers.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    out = vit(x)
+    assert out["cls"].shape == (2, 32) and out["registers"].shape == (2, 3, 32) and out["patches"].shape == (2, 64, 32)
+    # with no blocks the outputs are the normed inputs: patches come from the image, registers from their parameter
+    emb = vit.patch_embed(x).flatten(2).transpose(1, 2)
+    assert_close(out["patches"], vit.norm(emb))
+    assert_close(out["registers"], vit.norm(vit.registers).expand(2, -1, -1))
+    deep = m.ViT(image_size=32, patch_size=4, dim=32, depth=2, heads=2, num_registers=0)
+    o = deep(torch.randn(2, 3, 24, 16), return_norms=True, return_attn=True)  # any size divisible by the patch
+    assert o["registers"].shape == (2, 0, 32) and o["patches"].shape == (2, 24, 32)
+    assert o["norms"].shape == (3, 2, 25) and o["attn"][0].shape == (2, 2, 25, 25)
+
+
+def test_rope_depends_only_on_relative_offset():
+    torch.manual_seed(0)
+    rope = m.RoPE(head_dim=16).eval()
+    sin, cos = rope(6, 6)  # (36, 16)
+    q, k = torch.randn(16), torch.randn(16)
+
+    def score(pq, pk):  # q at grid position pq, k at grid position pk, rotated as the ViT does
+        iq, ik = pq[0] * 6 + pq[1], pk[0] * 6 + pk[1]
+        rq = m.rope_apply(q.view(1, 1, 1, 16), sin[iq], cos[iq])
+        rk = m.rope_apply(k.view(1, 1, 1, 16), sin[ik], cos[ik])
+        return (rq * rk).sum()
+    base = score((1, 2), (3, 0))
+    assert_close(score((2, 3), (4, 1)), base, atol=1e-5)  # the same offset elsewhere: the same score
+    assert_close(score((0, 4), (2, 2)), base, atol=1e-5)
+    assert (score((1, 2), (3, 1)) - base).abs() > 1e-3  # another offset: another score
+    # train mode jitters the coordinates, eval mode does not
+    assert_close(rope(6, 6)[0], sin)
+    rope.train()
+    assert not torch.allclose(rope(6, 6)[0], sin)
+
+
+def test_sdpa_equals_explicit_attention():
+    torch.manual_seed(0)
+    vit = m.ViT(image_size=16, patch_size=4, dim=32, depth=2, heads=4, num_registers=2).eval()
+    x = torch.randn(3, 3, 16, 16)
+    fast, slow = vit(x), vit(x, return_attn=True)
+    assert_close(fast["patches"], slow["patches"], atol=1e-5)
+    assert_close(slow["attn"][0].sum(-1), torch.ones(3, 4, 21))
+
+
+def test_mask_token_replaces_masked_patches():
+    vit = m.ViT(image_size=16, patch_size=4, dim=32, depth=1, heads=2, num_registers=1).eval()
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[:, :8] = True
+    a, b = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    b[..., 8:, :] = a[..., 8:, :]  # same bottom half, different top half (the masked rows of patches)
+    with torch.no_grad():
+        vit.blocks[0].ls1.gamma.zero_()
+        vit.blocks[0].ls2.gamma.zero_()  # no mixing: each output depends only on its own input token
+    assert_close(vit(a, masks)["patches"], vit(b, masks)["patches"])
+
+
+# ---- teachers ----------------------------------------------------------------------------------
+
+def test_ema_momentum_limits():
+    s, t = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    t0 = [p.clone() for p in t.parameters()]
+    m.ema_update(t, s, 1.0)
+    for a, b in zip(t.parameters(), t0):
+        assert_close(a, b)
+    m.ema_update(t, s, 0.0)
+    for a, b in zip(t.parameters(), s.parameters()):
+        assert_close(a, b)
+    m.ema_update(t0_mod := torch.nn.Linear(4, 4), s, 0.5)
+    assert t0_mod.weight.requires_grad
+
+
+def test_gram_teacher_is_frozen_copy_and_hires_matches_grid():
+    args = args_for("--dim", "32", "--depth", "1", "--heads", "2", "--gram-hires")
+    vit = m.build_backbone(args)
+    g = m.make_gram_teacher(vit)
+    assert not g.training and not any(p.requires_grad for p in g.parameters())
+    with torch.no_grad():
+        vit.cls_token.add_(1.0)
+    assert not torch.equal(g.cls_token, vit.cls_token)  # a snapshot, not a view
+    imgs = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+    crops = m.multicrop(imgs, args, torch.Generator().manual_seed(0))
+    feats = m.gram_teacher_patches(g, imgs, crops, args)
+    assert feats.shape == (4, 64, 32)  # the 2x view's 16x16 map downsampled to the student's 8x8 grid
+
+
+def test_schedules():
+    args = args_for("--epochs", "10")
+    s = m.make_schedules(args, 10)
+    assert len(s["lr"]) == len(s["wd"]) == len(s["momentum"]) == len(s["teacher_temp"]) == 100
+    peak = args.lr * math.sqrt(args.batch_size / 1024)
+    assert s["lr"][0] == 0 and abs(max(s["lr"]) - peak) < 1e-9 and s["lr"][-1] < 2e-5
+    assert abs(s["momentum"][0] - 0.992) < 1e-9 and s["momentum"][-1] > 0.9999
+    assert abs(s["wd"][0] - 0.04) < 1e-9 and abs(s["wd"][-1] - 0.4) < 1e-3
+    assert abs(s["teacher_temp"][0] - 0.04) < 1e-9 and s["teacher_temp"][-1] == 0.07
+
+
+def test_param_groups_no_decay_and_layer_decay():
+    model = m.DINOModel(m.ViT(dim=32, depth=2, heads=2, num_registers=2), 16, 32, 8)
+    groups = m.param_groups(model, depth=2, layer_decay=0.5)
+    name = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            n = name[id(p)]
+            no_decay = p.ndim == 1 or any(k in n for k in ("token", "registers", "gamma", "bias"))
+            assert (g["wd_mult"] == 0) == no_decay, n
+            if "blocks.0." in n:
+                assert g["lr_mult"] == 0.25
+            if "patch_embed" in n:
+                assert abs(g["lr_mult"] - 0.125 * 0.2) < 1e-12
+            assert g["last_layer"] == ("last_layer" in n)
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+def test_scenes_deterministic_and_masks_agree_with_labels():
+    x1, y1, m1 = m.make_scenes("train", 50, 32, seed=3)
+    x2, y2, m2 = m.make_scenes("train", 1200, 32, seed=3)
+    assert torch.equal(x1, x2[:50]) and torch.equal(y1, y2[:50]) and torch.equal(m1, m2[:50])
+    x3, _, _ = m.make_scenes("train", 50, 32, seed=4)
+    xt, _, _ = m.make_scenes("test", 50, 32, seed=3)
+    assert not torch.equal(x1, x3) and not torch.equal(x1, xt)
+    assert x1.dtype == torch.uint8 and x1.shape == (50, 3, 32, 32) and m1.shape == (50, 32, 32)
+    for i in range(50):  # the main object is the largest labelled region and carries the image's label
+        counts = torch.bincount(m1[i].flatten().long(), minlength=11)[1:]
+        assert counts.argmax().item() == y1[i].item()
+    assert (m1 == 0).float().mean() > 0.4  # large background areas
+    assert set(y2.tolist()) == set(range(10))
+    xh, yh, mh = m.make_scenes("train", 20, 64, seed=3)  # the same scenes at another resolution
+    assert torch.equal(yh, y1[:20])
+    assert (F.interpolate(mh[:, None].float(), size=32, mode="nearest")[:, 0] == m1[:20]).float().mean() > 0.9
+
+
+def test_multicrop_shapes_ranges_and_boxes():
+    args = args_for("--local-crops", "3")
+    imgs = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
+    out = m.multicrop(imgs, args, torch.Generator().manual_seed(0))
+    assert out["globals"].shape == (16, 3, 32, 32) and out["locals"].shape == (24, 3, 16, 16)
+    lo = ((0 - m.MEAN) / m.STD).min().item()
+    hi = ((1 - m.MEAN) / m.STD).max().item()
+    for v in (out["globals"], out["locals"]):
+        assert v.min() >= lo - 1e-4 and v.max() <= hi + 1e-4
+    boxes, _ = m.sample_boxes(20000, (0.32, 1.0), torch.Generator().manual_seed(1))
+    area = boxes[:, 2] * boxes[:, 3]
+    assert area.min() > 0.32 * 0.75 and area.max() <= 1.0  # clamped boxes can only shrink
+    assert (boxes[:, 0] - boxes[:, 2] / 2 >= -1e-6).all() and (boxes[:, 0] + boxes[:, 2] / 2 <= 1 + 1e-6).all()
+    # an identity box renders the image itself
+    x = torch.rand(2, 3, 8, 8)
+    same = m.render_crops(x, torch.tensor([[0.5, 0.5, 1.0, 1.0]] * 2), torch.tensor([False, True]), 8)
+    assert_close(same[0], x[0], atol=1e-5)
+    assert_close(same[1], x[1].flip(-1), atol=1e-5)
+
+
+def test_photometric_probabilities():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4000, 3, 4, 4) * 0.5 + 0.25
+    gray = m.grayscale(x, g, p=0.2)
+    frac = ((gray[:, 0] == gray[:, 1]) & (gray[:, 1] == gray[:, 2])).flatten(1).all(1).float().mean()
+    assert abs(frac - 0.2) < 0.03
+    jit = m.color_jitter(x, g)
+    assert abs((jit != x).flatten(1).any(1).float().mean() - 0.8) < 0.03
+    sol = m.solarize(torch.full((4000, 3, 2, 2), 0.9), g, p=0.2)
+    assert abs((sol < 0.5).flatten(1).any(1).float().mean() - 0.2) < 0.03
+
+
+def test_block_masks_exact_ratio():
+    import random
+    rng = random.Random(0)
+    for n in (0, 3, 10, 32, 50):
+        mk = m.block_mask(8, 8, n, rng)
+        assert mk.shape == (64,) and mk.sum().item() == n
+    args = args_for()
+    masks = m.ibot_masks(200, 8, args, torch.Generator().manual_seed(0))
+    ratios = masks.float().mean(1)
+    masked = ratios[ratios > 0]
+    assert len(masked) == 100  # half of the global crops
+    assert masked.min() >= 0.1 - 1 / 64 and masked.max() <= 0.5
+    assert abs(masked.mean() - 0.3) < 0.03  # spread evenly over [0.1, 0.5]
+
+
+# ---- real-dataset readers on small fakes in each format ---------------------------------------
+
+def _fake_cifar(root, name, n=12):
+    d = os.path.join(root, "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    os.makedirs(d)
+    files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if name == "cifar10" else ["train", "test"]
+    key = "labels" if name == "cifar10" else "fine_labels"
+    for f in files:
+        data = torch.randint(0, 255, (n, 3072), dtype=torch.uint8).numpy()
+        with open(os.path.join(d, f), "wb") as fh:
+            pickle.dump({"data": data, key: list(range(n))}, fh)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_cifar_reader(tmp_path, name):
+    _fake_cifar(str(tmp_path), name)
+    args = args_for("--dataset", name, "--data-dir", str(tmp_path))
+    x, xk, yk, xt, yt, mt = m.load_data(args)
+    assert x.shape == ((60 if name == "cifar10" else 12), 3, 32, 32) and x.dtype == torch.uint8
+    assert yk[:12].tolist() == list(range(12)) and xt.shape == (12, 3, 32, 32) and mt is None
+
+
+def test_stl10_reader(tmp_path):
+    d = tmp_path / "stl10_binary"
+    d.mkdir()
+    img = torch.zeros(96, 96, 3, dtype=torch.uint8)
+    img[:, :48] = 200  # left half bright: checks the column-major layout is undone
+    col_major = img.permute(2, 1, 0).contiguous()  # STL-10 stores (C, W, H)
+    for split, n in (("train", 3), ("test", 2), ("unlabeled", 4)):
+        (d / f"{split}_X.bin").write_bytes(col_major.repeat(n, 1, 1, 1).numpy().tobytes())
+        if split != "unlabeled":
+            (d / f"{split}_y.bin").write_bytes(bytes([1, 10, 5][:n]))
+    args = args_for("--dataset", "stl10", "--data-dir", str(tmp_path))
+    x, xk, yk, xt, yt, _ = m.load_data(args)
+    assert x.shape == (7, 3, 96, 96)  # unlabeled + train for self-supervised training
+    assert xk.shape == (3, 3, 96, 96) and yk.tolist() == [0, 9, 4] and yt.tolist() == [0, 9]
+    assert xk[0, 0, 10, 10] == 200 and xk[0, 0, 10, 80] == 0
+
+
+def _fake_folder(root, classes=("cat", "dog"), per_class=12, bad=1):
+    from PIL import Image
+    for c in classes:
+        os.makedirs(os.path.join(root, c))
+        for i in range(per_class):
+            Image.new("RGB", (40 + i, 30), (i * 10, 50, 100)).save(os.path.join(root, c, f"{i}.png"))
+        for i in range(bad):
+            open(os.path.join(root, c, f"broken{i}.jpg"), "w").write("not an image")
+
+
+def test_folder_reader_skips_unreadable(tmp_path, capsys):
+    _fake_folder(str(tmp_path))
+    args = args_for("--dataset", "folder", "--data-dir", str(tmp_path), "--image-size", "16")
+    x, xk, yk, xt, yt, _ = m.load_data(args)
+    assert x.shape[1:] == (3, 16, 16) and len(x) + len(xt) == 24
+    assert set(yk.tolist()) == {0, 1}
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_imagenette_reader_uses_train_val(tmp_path):
+    root = tmp_path / "imagenette2-160"
+    _fake_folder(str(root / "train"), ("n01", "n02"), 5, 0)
+    _fake_folder(str(root / "val"), ("n01", "n02"), 2, 0)
+    args = args_for("--dataset", "imagenette", "--data-dir", str(tmp_path), "--image-size", "32")
+    x, xk, yk, xt, yt, _ = m.load_data(args)
+    assert x.shape == (10, 3, 32, 32) and xt.shape == (4, 3, 32, 32) and yt.tolist() == [0, 0, 1, 1]
+
+
+def test_download_failure_is_one_paragraph(tmp_path, capsys, monkeypatch):
+    import torchvision.datasets.utils as tvu
+
+    def offline(*a, **k):
+        raise OSError("Temporary failure in name resolution")
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    with pytest.raises(SystemExit) as e:
+        m.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o")])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert "could not fetch" in err and "--dataset scenes" in err and "--data-dir" in err and "Traceback" not in err
+
+
+# ---- end to end --------------------------------------------------------------------------------
+
+def test_end_to_end_run_writes_logs_and_summary(tmp_path):
+    out = str(tmp_path / "run")
+    summary = m.main(TINY + ["--epochs", "2", "--out-dir", out, "--gram", "--gram-teacher-epoch", "1",
+                             "--gram-start", "1", "--eval-every", "1"])
+    for key in ("knn_acc", "knn_acc_random_init", "knn_acc_raw_pixels", "images_per_s", "wall_s", "device",
+                "config"):
+        assert key in summary
+    assert json.load(open(os.path.join(out, "summary.json")))["knn_acc"] == summary["knn_acc"]
+    recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    steps = [r for r in recs if r["type"] == "step"]
+    evals = [r for r in recs if r["type"] == "eval"]
+    assert len(steps) == 8 and len(evals) == 2
+    for k in ("dino", "ibot", "koleo", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy", "dino_over_lnK"):
+        assert k in steps[0]
+    assert "gram" not in steps[0] and "gram" in steps[-1]  # the Gram loss switched on in epoch 1
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert ck["step"] == 8 and ck["gram_teacher"] is not None
+
+
+def test_interrupt_and_resume_reproduce_uninterrupted_run(tmp_path, monkeypatch):
+    argv = TINY + ["--epochs", "2", "--eval-every", "2"]
+    ref = str(tmp_path / "ref")
+    m.main(argv + ["--out-dir", ref])
+    calls = {"n": 0}
+    real = m.ema_update
+
+    def interrupt_at_step_3(*a, **k):
+        real(*a, **k)
+        calls["n"] += 1
+        if calls["n"] == 3:  # mid-epoch: the handler lets the step finish, saves and exits
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(m, "ema_update", interrupt_at_step_3)
+    run = str(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        m.main(argv + ["--out-dir", run])
+    assert e.value.code == 128 + signal.SIGINT
+    assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["step"] == 3
+    monkeypatch.setattr(m, "ema_update", real)
+    m.main(argv + ["--out-dir", run, "--resume"])
+    a = torch.load(os.path.join(ref, "checkpoint.pt"), weights_only=False)
+    b = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
+    for k in a["teacher"]:
+        assert torch.equal(a["teacher"][k], b["teacher"][k]), k
+    for k in a["student"]:
+        assert torch.equal(a["student"][k], b["student"][k]), k
+
+
+def test_resume_refuses_other_config_and_corrupt_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    m.main(TINY + ["--epochs", "1", "--out-dir", out])
+    before = open(os.path.join(out, "checkpoint.pt"), "rb").read()
+    with pytest.raises(SystemExit) as e:
+        m.main(TINY + ["--epochs", "2", "--out-dir", out, "--resume", "--registers", "2"])
+    assert e.value.code == 2 and "different configuration" in capsys.readouterr().err
+    open(os.path.join(tmp_path, "bad.pt"), "wb").write(before[: len(before) // 2])
+    os.replace(os.path.join(tmp_path, "bad.pt"), os.path.join(out, "checkpoint.pt"))
+    with pytest.raises(SystemExit) as e:
+        m.main(TINY + ["--epochs", "2", "--out-dir", out, "--resume"])
+    assert e.value.code == 2 and "truncated or corrupt" in capsys.readouterr().err
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, words", [
+    (["--image-size", "30"], "multiples of --patch-size"),
+    (["--local-size", "32"], "smaller than --image-size"),
+    (["--registers", "-1"], "--registers must be 0 or more"),
+    (["--mask-prob", "1.5"], "--mask-prob must be a probability"),
+    (["--global-scale", "0.5", "1.2"], "--global-scale"),
+    (["--dataset", "mnist"], "invalid choice"),
+])
+def test_command_line_errors(argv, words, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "dinov3_mini.py"), "--out-dir", str(tmp_path)] + argv,
+                       capture_output=True, text=True, cwd=str(tmp_path))
+    assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"precious")
+    r = subprocess.run([sys.executable, os.path.join(HERE, "dinov3_mini.py"), "--out-dir", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "checkpoint.pt").read_bytes() == b"precious"
+
+
+def test_batch_larger_than_dataset(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        m.main(TINY[:-4] + ["--batch-size", "128", "--out-dir", str(tmp_path / "o")])
+    assert "larger than" in str(e.value.code)

@@ -48,13 +48,13 @@ from einops import rearrange
 # 1. Config
 # -----------------------------------------------------------------------------------------------
 
-# Model presets: (dim, depth, heads, head_hidden). tiny/small/base are the usual DeiT/DINO sizes;
-# nano is sized so that the default run finishes in under 10 minutes on a 2-core CPU.
+# Model presets. tiny/small/base are the usual DeiT/DINO sizes with the reference heads; nano is sized
+# so that the default run finishes in under 10 minutes on a 2-core CPU (its heads shrink with it).
 MODELS = {
-    "nano": dict(dim=128, depth=6, heads=4, head_hidden=512),
-    "tiny": dict(dim=192, depth=12, heads=3, head_hidden=2048),
-    "small": dict(dim=384, depth=12, heads=6, head_hidden=2048),
-    "base": dict(dim=768, depth=12, heads=12, head_hidden=2048),
+    "nano": dict(dim=64, depth=6, heads=2, head_hidden=256, prototypes=1024),
+    "tiny": dict(dim=192, depth=12, heads=3, head_hidden=2048, prototypes=4096),
+    "small": dict(dim=384, depth=12, heads=6, head_hidden=2048, prototypes=4096),
+    "base": dict(dim=768, depth=12, heads=12, head_hidden=2048, prototypes=4096),
 }
 DATASETS = ("scenes", "cifar10", "cifar100", "stl10", "imagenette", "folder")
 
@@ -79,10 +79,10 @@ def get_args_parser():
       "0.32 1.0). A lower minimum makes the task harder and the invariance stronger.")
     a("--local-scale", type=float, nargs=2, default=(0.05, 0.32), help="Area range of local crops (reference "
       "0.05 0.32). Above ~0.4 local and global views overlap so much that the task becomes trivial.")
-    a("--num-images", type=int, default=None, help="Cap the training set for quick runs (scenes default 20000).")
+    a("--num-images", type=int, default=None, help="Cap the training set for quick runs (scenes has 10000).")
     a("--workers", type=int, default=4, help="Threads used to decode image files for `folder`/`imagenette`.")
     # model
-    a("--model", default="nano", choices=list(MODELS), help="Preset: nano (128-d, 6 layers, CPU friendly), "
+    a("--model", default="nano", choices=list(MODELS), help="Preset: nano (64-d, 6 layers, 2 heads; CPU), "
       "tiny (192-d, 12 layers, 3 heads), small (384-d, 12, 6), base (768-d, 12, 12).")
     a("--dim", type=int, default=None, help="Override the preset's width.")
     a("--depth", type=int, default=None, help="Override the preset's number of blocks.")
@@ -102,10 +102,11 @@ def get_args_parser():
     a("--rope-jitter", type=float, default=1.0, help="Train-time per-axis RoPE scale jitter, log-uniform in "
       "[1/x, x] (off = 1, as in the released config).")
     # heads and losses
-    a("--prototypes", type=int, default=4096, help="K, the number of prototypes of both heads (reference "
-      "65536 on ImageNet). Small data converges faster with 1k-8k; too few caps what the features can separate.")
+    a("--prototypes", type=int, default=None, help="K, the number of prototypes of both heads (reference "
+      "65536 on ImageNet; here 4096, nano 1024). Small data converges faster with 1k-8k; too few caps what the "
+      "features can separate.")
     a("--head-hidden", type=int, default=None, help="Hidden width of the DINO/iBOT heads (reference 2048; "
-      "nano uses 512 to stay fast on a CPU).")
+      "nano uses 256 to stay fast on a CPU).")
     a("--head-bottleneck", type=int, default=256, help="Bottleneck width before the prototypes (reference 256).")
     a("--student-temp", type=float, default=0.1, help="Student softmax temperature (reference 0.1).")
     a("--teacher-temp", type=float, default=0.07, help="Final teacher temperature (reference 0.07). Above "
@@ -137,9 +138,9 @@ def get_args_parser():
     a("--gram-hires", action="store_true", help="Give the Gram teacher the same crop at 2x resolution without "
       "colour distortion, and bicubic-downsample its patch features to the student's grid (DINOv3 Sec. 4.3).")
     # optimisation
-    a("--epochs", type=int, default=12, help="Training epochs (reference 100 on ImageNet-scale data). The two "
+    a("--epochs", type=int, default=3, help="Training epochs (reference 100 on ImageNet-scale data). The two "
       "failure modes need long runs; the default is sized for a 10-minute CPU demo.")
-    a("--batch-size", type=int, default=128, help="Global batch size (reference 1024+); the lr scales with "
+    a("--batch-size", type=int, default=64, help="Global batch size (reference 1024+); the lr scales with "
       "sqrt(batch/1024). Sinkhorn-Knopp needs batch >> 1 to spread mass over prototypes.")
     a("--lr", type=float, default=4e-3, help="Base lr for a batch of 1024, scaled by sqrt(batch/1024) (DINOv2 "
       "reference 4e-3). Too high and the DINO loss sticks at ln K (collapse).")
@@ -173,7 +174,7 @@ def get_args_parser():
 def resolve_args(args, parser):
     """Fill the defaults that depend on other options, and refuse bad input with an argparse error (exit 2)."""
     preset = MODELS[args.model]
-    for k in ("dim", "depth", "heads", "head_hidden"):
+    for k in ("dim", "depth", "heads", "head_hidden", "prototypes"):
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
     native = {"scenes": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagenette": 64, "folder": 64}
@@ -227,7 +228,7 @@ def resolve_args(args, parser):
 # -----------------------------------------------------------------------------------------------
 
 SHAPES = ("disk", "square", "triangle", "diamond", "plus", "ring", "star", "hexagon", "bar", "crescent")
-SCENES_SIZES = {"train": 20000, "test": 2000}
+SCENES_SIZES = {"train": 10000, "test": 2000}
 SCENES_CHUNK = 1000  # images are generated in chunks of 1000, each from its own seed: image i never changes
 
 
@@ -312,6 +313,10 @@ def make_scenes(split="train", n=None, size=32, seed=0):
     n = SCENES_SIZES[split] if n is None else n
     parts = [_scenes_chunk(seed, split, c, size) for c in range(math.ceil(n / SCENES_CHUNK))]
     return tuple(torch.cat(p)[:n] for p in zip(*parts))
+
+
+class UsageError(Exception):
+    """A user mistake found only once the data is loaded; reported like an argparse error (exit 2)."""
 
 
 class DataUnavailable(Exception):
@@ -993,11 +998,12 @@ def param_groups(model, depth, layer_decay):
         if not p.requires_grad:
             continue
         no_wd = p.ndim == 1 or name.endswith(("cls_token", "registers", "mask_token", ".bias")) or ".gamma" in name
-        layer = depth + 1  # heads and the final norm
-        if name.startswith("backbone.") and ".blocks." not in f".{name[9:]}" and not name.startswith("backbone.norm"):
-            layer = 0  # patch embedding and tokens
-        elif name.startswith("backbone.blocks."):
+        if name.startswith("backbone.blocks."):
             layer = int(name.split(".")[2]) + 1
+        elif name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.registers", "backbone.mask_token")):
+            layer = 0
+        else:
+            layer = depth + 1  # the final norm and the heads
         lr_mult = layer_decay ** (depth + 1 - layer) * (0.2 if "patch_embed" in name else 1.0)
         last = "last_layer" in name
         key = (lr_mult, no_wd, last)
@@ -1111,7 +1117,7 @@ def train(args):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if args.batch_size % world:
-            raise SystemExit(f"error: --batch-size {args.batch_size} must be divisible by the {world} processes")
+            raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     else:
         rank, world = 0, 1
     master = rank == 0
@@ -1124,7 +1130,8 @@ def train(args):
     # ---- data: uint8 tensors in memory (on the GPU if there is one); crops are made on the fly
     x_train, x_knn, y_knn, x_test, y_test, _ = load_data(args)
     if args.batch_size > len(x_train):
-        raise SystemExit(f"error: --batch-size {args.batch_size} is larger than the {len(x_train)} training images")
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images; "
+                         "lower it or raise --num-images")
     x_train = x_train.to(device)
     steps_per_epoch = len(x_train) // args.batch_size  # drop the last partial batch
     sched = make_schedules(args, steps_per_epoch)
@@ -1143,8 +1150,8 @@ def train(args):
     opt = torch.optim.AdamW(param_groups(student, args.depth, args.layer_decay), betas=(0.9, 0.999),
                             fused=device.type == "cuda")
     last_layer = [p for g in opt.param_groups if g["last_layer"] for p in g["params"]]
-    gen = torch.Generator().manual_seed(args.seed + 1000 * rank)  # augmentation and masks
-    gen.manual_seed(args.seed)  # every rank draws the same global batch, then takes its shard
+    gen = torch.Generator().manual_seed(args.seed)  # augmentation and masks: every rank draws the same
+    # global batch of crops, then takes its shard, so N processes compute what one process would
     start_step, baselines = 0, None
 
     if args.resume:
@@ -1394,6 +1401,8 @@ def main(argv=None):
               f"(for cifar10, the folder that holds cifar-10-batches-py/; for stl10, stl10_binary/; for imagenette, "
               f"imagenette2-160/; for folder, the image folder itself).", file=sys.stderr)
         sys.exit(1)
+    except UsageError as e:
+        parser.error(str(e))
     except CheckpointError as e:
         print(f"error: cannot resume: {e}. Nothing was overwritten.", file=sys.stderr)
         sys.exit(2)

@@ -1171,7 +1171,10 @@ def train(args):
         open(log_path, "w").close()
     if args.gram and args.gram_teacher and gram_teacher is None:
         gram_teacher = make_gram_teacher(teacher.backbone)
-        gram_teacher.load_state_dict(load_checkpoint(args.gram_teacher)["teacher_backbone"])
+        try:
+            gram_teacher.load_state_dict(load_checkpoint(args.gram_teacher)["teacher_backbone"])
+        except RuntimeError:
+            raise CheckpointError(f"--gram-teacher {args.gram_teacher} holds a backbone of another shape") from None
     if baselines is None:  # what k-NN gets without self-supervised learning
         baselines = {"knn_acc_raw_pixels": knn_raw_pixels(x_knn, y_knn, x_test, y_test, args),
                      **knn_random_init(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)}
@@ -1404,7 +1407,7 @@ def main(argv=None):
     except UsageError as e:
         parser.error(str(e))
     except CheckpointError as e:
-        print(f"error: cannot resume: {e}. Nothing was overwritten.", file=sys.stderr)
+        print(f"error: cannot use the checkpoint: {e}. Nothing was overwritten.", file=sys.stderr)
         sys.exit(2)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)

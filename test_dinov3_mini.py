@@ -453,3 +453,18 @@ def test_batch_larger_than_dataset(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         m.main(TINY + ["--batch-size", "128", "--out-dir", str(tmp_path / "o")])  # 64 images
     assert e.value.code == 2 and "larger than the 64 training images" in capsys.readouterr().err
+
+
+def test_gram_teacher_from_checkpoint(tmp_path, capsys):
+    first = str(tmp_path / "first")
+    m.main(TINY + ["--epochs", "1", "--out-dir", first])
+    ck = os.path.join(first, "checkpoint.pt")
+    summary = m.main(TINY + ["--epochs", "1", "--out-dir", str(tmp_path / "b"), "--gram", "--gram-teacher", ck,
+                             "--gram-start", "0"])
+    assert math.isfinite(summary["knn_acc"])
+    recs = [json.loads(line) for line in open(os.path.join(tmp_path / "b", "log.jsonl"))]
+    assert any("gram" in r for r in recs if r["type"] == "step")
+    with pytest.raises(SystemExit) as e:  # a teacher of another width is refused, not a traceback
+        m.main(TINY + ["--dim", "48", "--epochs", "1", "--out-dir", str(tmp_path / "c"), "--gram",
+                       "--gram-teacher", ck])
+    assert e.value.code == 2 and "another shape" in capsys.readouterr().err

@@ -1056,6 +1056,25 @@ def gram_weight(it, sched, args):
     return args.gram_weight * 0.5 * (1 - math.cos(math.pi * min(1.0, (it - start) / ramp)))
 
 
+def collapse_alarm(records, args):
+    """A message when the logged steps since the last evaluation look collapsed, else None.
+
+    Two signatures (DINO Sec. 5.3): the teacher's targets are one-hot-like (entropy near 0: every image on
+    one prototype), or the DINO loss stays at ln K (targets uniform: nothing is being learnt)."""
+    if not records:
+        return None
+    ratio = sum(r["dino_over_lnK"] for r in records) / len(records)
+    entropy = sum(r["teacher_entropy"] for r in records) / len(records)
+    if entropy < 0.05 * math.log(args.prototypes):
+        return (f"teacher entropy {entropy:.3f} is near 0: the teacher puts every image on a few prototypes. "
+                "Lower --lr, raise --momentum, raise --teacher-temp slightly or use fewer --prototypes.")
+    if ratio > 0.97:
+        return (f"the DINO loss stays at {ratio:.3f} x ln K: the teacher's targets are nearly uniform and nothing "
+                "is being learnt yet. Lower --warmup-teacher-temp / --teacher-temp (DINO: 'try decreasing it if "
+                "the training loss does not decrease'), train longer, or use fewer --prototypes.")
+    return None
+
+
 def save_checkpoint(path, state):
     """Atomic: write to a temp file in the same folder, then rename over the old one."""
     d = os.path.dirname(os.path.abspath(path))
@@ -1205,7 +1224,7 @@ def train(args):
         from tqdm import tqdm
         bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
     acc, acc_n, t_log, t0, knn_acc = {}, 0, time.time(), time.time(), None
-    train_time, step = 0.0, start_step
+    train_time, step, since_eval, streak = 0.0, start_step, [], 0
     try:
         while step < total_steps:
             epoch, i = divmod(step, steps_per_epoch)
@@ -1266,6 +1285,7 @@ def train(args):
                        "img_per_s": round(acc_n * args.batch_size / (now - t_log), 1)}
                 rec["dino_over_lnK"] = round(rec["dino"] / math.log(args.prototypes), 4)
                 acc, acc_n, t_log = {}, 0, now
+                since_eval.append(rec)
                 if master:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
@@ -1282,6 +1302,12 @@ def train(args):
                                           "knn_acc": knn_acc}) + "\n")
                     log.flush()
                 print0(f"\nepoch {step // steps_per_epoch}: k-NN accuracy {knn_acc:.4f}")
+                alarm = collapse_alarm(since_eval, args)
+                streak = streak + 1 if alarm else 0
+                if alarm and streak >= 2 and master:
+                    print0(f"warning: {alarm}")
+                    log.write(json.dumps({"type": "alarm", "step": step, "message": alarm}) + "\n")
+                since_eval = []
             if master and (epoch_end or stop.signal is not None):
                 save_checkpoint(ck_path, checkpoint_state(step))
             if stop.signal is not None:

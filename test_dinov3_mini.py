@@ -468,3 +468,14 @@ def test_gram_teacher_from_checkpoint(tmp_path, capsys):
         m.main(TINY + ["--dim", "48", "--epochs", "1", "--out-dir", str(tmp_path / "c"), "--gram",
                        "--gram-teacher", ck])
     assert e.value.code == 2 and "another shape" in capsys.readouterr().err
+
+
+def test_collapse_alarm():
+    args = args_for("--prototypes", "1024")
+    lnk = math.log(1024)
+    flat = [{"dino_over_lnK": 0.999, "teacher_entropy": 6.9}] * 3
+    sharp = [{"dino_over_lnK": 0.1, "teacher_entropy": 0.01}] * 3
+    healthy = [{"dino_over_lnK": 0.6, "teacher_entropy": 0.5 * lnk}] * 3
+    assert "ln K" in m.collapse_alarm(flat, args)
+    assert "entropy" in m.collapse_alarm(sharp, args)
+    assert m.collapse_alarm(healthy, args) is None and m.collapse_alarm([], args) is None

@@ -1277,8 +1277,10 @@ def train(args):
             acc_n += 1
             if step % args.log_every == 0 or step == total_steps:
                 now = time.time()
+                keys = sorted(acc)
+                vals = _all_reduce(torch.stack([acc[k] for k in keys])) / (world * acc_n)  # mean over processes
                 rec = {"type": "step", "step": step, "epoch": step / steps_per_epoch,
-                       **{k: round(v.item() / acc_n, 5) for k, v in acc.items()},
+                       **{k: round(v, 5) for k, v in zip(keys, vals.tolist())},
                        "lr": sched["lr"][step - 1], "wd": sched["wd"][step - 1],
                        "momentum": sched["momentum"][step - 1], "teacher_temp": sched["teacher_temp"][step - 1],
                        "gram_weight": gram_weight(step - 1, sched, args),

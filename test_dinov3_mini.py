@@ -479,3 +479,19 @@ def test_collapse_alarm():
     assert "ln K" in m.collapse_alarm(flat, args)
     assert "entropy" in m.collapse_alarm(sharp, args)
     assert m.collapse_alarm(healthy, args) is None and m.collapse_alarm([], args) is None
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    """gloo, 2 CPU processes: the first step's DINO loss equals the single-process one on the same global
+    batch, and after 4 steps the teachers agree (KoLeo off: the reference computes it per process)."""
+    argv = TINY + ["--epochs", "1", "--koleo-weight", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        os.path.join(HERE, "dinov3_mini.py")] + argv + ["--out-dir", str(tmp_path / "ddp")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m.main(argv + ["--out-dir", str(tmp_path / "one")])
+    first = [json.loads(open(tmp_path / d / "log.jsonl").readline()) for d in ("ddp", "one")]
+    assert abs(first[0]["dino"] - first[1]["dino"]) < 1e-4
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["teacher"] for d in ("ddp", "one"))
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4

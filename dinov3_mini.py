@@ -1298,7 +1298,7 @@ def train(args):
                 bar.update(1)
             epoch_end = step % steps_per_epoch == 0
             if epoch_end and ((step // steps_per_epoch) % args.eval_every == 0 or step == total_steps):
-                knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)
+                knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)["cls"]
                 if master:
                     log.write(json.dumps({"type": "eval", "step": step, "epoch": step // steps_per_epoch,
                                           "knn_acc": knn_acc}) + "\n")
@@ -1325,7 +1325,7 @@ def train(args):
             signal.signal(s, h)
 
     if knn_acc is None:  # resumed a finished run
-        knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)
+        knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)["cls"]
     summary = {"knn_acc": knn_acc, **baselines,
                "images_per_s": round((step - start_step) * args.batch_size / max(train_time, 1e-9), 1),
                "wall_s": round(time.time() - t0, 1), "device": str(device), "steps": step, "config": vars(args)}
@@ -1348,19 +1348,20 @@ def train(args):
 # -----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def extract_features(backbone, images, image_size, device, pool="cls", batch=256):
-    """Features (N, D) of uint8 images (N,3,S,S): the CLS token, or the mean of the patch tokens."""
+def extract_features(backbone, images, image_size, device, batch=256):
+    """Features of uint8 images (N,3,S,S): {"cls": the CLS token (N, D), "mean": the mean patch token (N, D)}."""
     was_training = backbone.training
     backbone.eval()
-    feats = []
+    feats = {"cls": [], "mean": []}
     for i in range(0, len(images), batch):
         x = images[i:i + batch].to(device).float() / 255
         if x.shape[-1] != image_size:
             x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
         out = backbone(normalize(x))
-        feats.append((out["cls"] if pool == "cls" else out["patches"].mean(1)).float().cpu())
+        feats["cls"].append(out["cls"].float().cpu())
+        feats["mean"].append(out["patches"].mean(1).float().cpu())
     backbone.train(was_training)
-    return torch.cat(feats)
+    return {k: torch.cat(v) for k, v in feats.items()}
 
 
 @torch.no_grad()
@@ -1380,11 +1381,11 @@ def knn_classify(train_f, train_y, test_f, test_y, k=20, temp=0.07, chunk=1024):
 KNN_BANK = 10000  # k-NN memory bank: at most this many training images (enough for 10 classes)
 
 
-def evaluate_knn(backbone, x_train, y_train, x_test, y_test, args, device):
-    xb, yb = x_train[:KNN_BANK], y_train[:KNN_BANK]
-    f_tr = extract_features(backbone, xb, args.image_size, device)
+def evaluate_knn(backbone, x_train, y_train, x_test, y_test, args, device, pools=("cls",)):
+    """k-NN accuracy {pool: acc} of the backbone's features, one feature pass for all pools."""
+    f_tr = extract_features(backbone, x_train[:KNN_BANK], args.image_size, device)
     f_te = extract_features(backbone, x_test, args.image_size, device)
-    return knn_classify(f_tr, yb, f_te, y_test, args.knn_k, args.knn_temp)
+    return {p: knn_classify(f_tr[p], y_train[:KNN_BANK], f_te[p], y_test, args.knn_k, args.knn_temp) for p in pools}
 
 
 def knn_raw_pixels(x_train, y_train, x_test, y_test, args):
@@ -1401,12 +1402,7 @@ def knn_raw_pixels(x_train, y_train, x_test, y_test, args):
 def knn_random_init(backbone, x_train, y_train, x_test, y_test, args, device):
     """Baseline: the same ViT at initialisation. With LayerScale 1e-5 its CLS token barely sees the image, so
     we also read the mean of its patch tokens, and report the better of the two."""
-    xb, yb = x_train[:KNN_BANK], y_train[:KNN_BANK]
-    res = {}
-    for pool in ("cls", "mean"):
-        res[pool] = knn_classify(extract_features(backbone, xb, args.image_size, device, pool), yb,
-                                 extract_features(backbone, x_test, args.image_size, device, pool), y_test,
-                                 args.knn_k, args.knn_temp)
+    res = evaluate_knn(backbone, x_train, y_train, x_test, y_test, args, device, pools=("cls", "mean"))
     return {"knn_acc_random_init": max(res.values()), "knn_acc_random_init_cls": res["cls"],
             "knn_acc_random_init_meanpatch": res["mean"]}
 

@@ -12,7 +12,9 @@ What is here, in the order the paper tells it:
   6. teachers    -- the EMA teacher and the Gram teacher (a frozen snapshot of an earlier EMA teacher)
   7. training    -- AdamW with the reference schedules, checkpoints, resume, logs
   8. evaluation  -- weighted k-NN on the teacher's CLS token, plus raw-pixel and random-init baselines
-  9. command line
+  9. analysis    -- the instruments: token norms and high-norm outliers, attention, PCA and similarity
+                    maps, dense probe, effective rank (`--analyze`, `--plot-log`)
+ 10. command line
 
 Papers: DINO (Caron et al. 2021, arXiv 2104.14294), iBOT (Zhou et al. 2021, arXiv 2111.07832),
 DINOv2 (Oquab et al. 2023, arXiv 2304.07193), Vision Transformers Need Registers (Darcet et al. 2023,
@@ -168,6 +170,14 @@ def get_args_parser():
     a("--seed", type=int, default=0, help="Seed of everything: data order, augmentation, init.")
     a("--log-every", type=int, default=10, help="Log one line to log.jsonl every this many steps.")
     a("--no-progress", action="store_true", help="No tqdm bar (for logs and CI).")
+    a("--analyze-images", type=int, default=1000, help="Test images the instruments read, at each evaluation "
+      "and in --analyze (half train the dense probe, half score it).")
+    # analysis commands (no training)
+    a("--analyze", metavar="RUN_DIR_OR_CHECKPOINT", default=None, help="Instead of training: measure a trained "
+      "teacher (token norms and outliers, attention, PCA/similarity maps, dense probe) and write analysis/*.png "
+      "and analysis/metrics.json next to its checkpoint.")
+    a("--plot-log", metavar="RUN_DIR", default=None, help="Instead of training: plot RUN_DIR/log.jsonl (k-NN, "
+      "dense mIoU, outlier fraction, collapse signatures vs epoch) into RUN_DIR/analysis/log.png.")
     return p
 
 
@@ -1147,7 +1157,7 @@ def train(args):
     log_path = os.path.join(args.out_dir, "log.jsonl")
 
     # ---- data: uint8 tensors in memory (on the GPU if there is one); crops are made on the fly
-    x_train, x_knn, y_knn, x_test, y_test, _ = load_data(args)
+    x_train, x_knn, y_knn, x_test, y_test, test_masks = load_data(args)
     if args.batch_size > len(x_train):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images; "
                          "lower it or raise --num-images")
@@ -1299,11 +1309,13 @@ def train(args):
             epoch_end = step % steps_per_epoch == 0
             if epoch_end and ((step // steps_per_epoch) % args.eval_every == 0 or step == total_steps):
                 knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)["cls"]
+                inst = eval_instruments(teacher.backbone, x_test, y_test, test_masks, args, device)
                 if master:
                     log.write(json.dumps({"type": "eval", "step": step, "epoch": step // steps_per_epoch,
-                                          "knn_acc": knn_acc}) + "\n")
+                                          "knn_acc": knn_acc, **inst}) + "\n")
                     log.flush()
-                print0(f"\nepoch {step // steps_per_epoch}: k-NN accuracy {knn_acc:.4f}")
+                print0(f"\nepoch {step // steps_per_epoch}: k-NN accuracy {knn_acc:.4f}, " +
+                       ", ".join(f"{k} {v:.4f}" for k, v in inst.items() if v is not None))
                 alarm = collapse_alarm(since_eval, args)
                 streak = streak + 1 if alarm else 0
                 if alarm and streak >= 2 and master:
@@ -1408,12 +1420,391 @@ def knn_random_init(backbone, x_train, y_train, x_test, y_test, args, device):
 
 
 # -----------------------------------------------------------------------------------------------
-# 9. Command line
+# 9. Analysis: instruments for the two failures. Storage: high-norm artifact tokens (registers paper
+# Sec. 2); signal: dense features that lose locality while the global ones improve (DINOv3 Sec. 4.1).
+# -----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def collect_tokens(backbone, images, image_size, device, batch=128):
+    """Run the backbone (eval mode) on uint8 images (N,3,S,S) and keep what the instruments read:
+      norms (depth+1, N, T)   residual-stream norms before the final norm, T = 1 + R + P tokens
+      cls (N,D), registers (N,R,D), patches (N,P,D)   after the final norm (what the heads and probes see)
+      attn (N, heads, T)      the last layer's CLS attention row;  reg_attn (N, R, T) the registers' rows"""
+    was_training = backbone.training
+    backbone.eval()
+    R, keep = backbone.num_registers, {}
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].to(device).float() / 255
+        if x.shape[-1] != image_size:
+            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        out = backbone(normalize(x), return_norms=True, return_attn=True)
+        a = out["attn"][-1].float()  # (b, heads, T, T)
+        for k, v in (("norms", out["norms"]), ("cls", out["cls"]), ("registers", out["registers"]),
+                     ("patches", out["patches"]), ("attn", a[:, :, 0]), ("reg_attn", a[:, :, 1:1 + R].mean(1))):
+            keep.setdefault(k, []).append(v.float().cpu())
+    backbone.train(was_training)
+    tok = {k: torch.cat(v, dim=1 if k == "norms" else 0) for k, v in keep.items()}
+    tok["grid"] = (image_size // backbone.patch_size,) * 2
+    return tok
+
+
+# A patch token is a high-norm outlier when its output norm (last block, before the final norm, where
+# the registers paper reads it; after a LayerNorm every token has about the same norm) is
+#     n > median + k * 1.4826 * MAD   and   n > 2 * median,   over all patch tokens of the batch.
+# 1.4826 * MAD estimates the bulk's standard deviation without being pulled by the outliers. k = 6: a
+# Gaussian bulk passes that bar with probability 1e-9, and norm bulks are skewed (chi-like right tail),
+# so a smaller k flags healthy tails; the factor-2 floor guards against a very tight bulk (small MAD).
+# Artifacts in the registers paper sit 3-10x above the median, far beyond both bars.
+OUTLIER_K = 6.0
+
+
+def find_outliers(norms, k=OUTLIER_K):
+    """norms (N, P) of patch tokens -> bool (N, P), True for high-norm outliers (rule above)."""
+    med = norms.median()
+    mad = (norms - med).abs().median()
+    return (norms > med + k * 1.4826 * mad) & (norms > 2 * med)
+
+
+def bimodality(x):
+    """Sarle's bimodality coefficient of a 1D sample: (skew^2 + 1) / kurtosis; above 5/9 ~ bimodal
+    (a uniform distribution scores 5/9, a Gaussian 1/3, two well-separated modes approach 1)."""
+    x = x.double().flatten()
+    z = (x - x.mean()) / x.std().clamp_min(1e-12)
+    return ((z ** 3).mean() ** 2 + 1).item() / (z ** 4).mean().item()
+
+
+def patch_labels(masks, grid):
+    """Per-pixel masks (N,S,S) with 0 = background -> per-patch labels (N, grid*grid): each patch's most
+    frequent class."""
+    onehot = F.one_hot(masks.long(), int(masks.max()) + 1).permute(0, 3, 1, 2).float()  # (N, C, S, S)
+    return F.adaptive_avg_pool2d(onehot, grid).argmax(1).flatten(1)  # (N, grid*grid)
+
+
+def dense_probe(f_train, y_train, f_test, y_test, iters=100, wd=1e-4):
+    """Linear probe on frozen patch features: f (M, D) -> per-patch class. Full-batch L-BFGS on the cross
+    entropy of standardised features (DINOv2's linear segmentation probe, at the patch grid's resolution).
+    Returns the mIoU on the held-out patches, over the classes present in their labels or predictions."""
+    mu, sd = f_train.mean(0), f_train.std(0).clamp_min(1e-6)
+    a, b = (f_train - mu) / sd, (f_test - mu) / sd
+    C = int(max(y_train.max(), y_test.max())) + 1
+    lin = nn.Linear(a.shape[1], C)
+    nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)  # a convex problem: zero init, no draw from the global RNG
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(lin(a), y_train) + wd * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        pred = lin(b).argmax(1)
+    ious = []
+    for c in range(C):
+        inter, union = ((pred == c) & (y_test == c)).sum(), ((pred == c) | (y_test == c)).sum()
+        if union > 0:
+            ious.append((inter / union).item())
+    return sum(ious) / len(ious)
+
+
+def effective_rank(x):
+    """exp(entropy of the normalised singular values) of centred features x (M, D) (Roy & Vetterli 2007):
+    about r for features spread over r directions, 1 when one direction dominates (collapse)."""
+    s = torch.linalg.svdvals((x - x.mean(0)).double())
+    p = s / s.sum()
+    return math.exp(-(p * torch.log(p.clamp_min(1e-12))).sum().item())
+
+
+def similarity_locality(patches, labels):
+    """How local are similarity maps: for each query patch on an object (label > 0), its cosine similarities
+    to the other patches of its image, clamped at 0; the share of that mass on patches of the same label.
+    patches (N,P,D), labels (N,P) -> (score, chance) where chance is the share that same-label patches
+    would get if the mass were spread evenly. Degraded dense features score near chance."""
+    f = F.normalize(patches.float(), dim=-1)
+    sim = (f @ f.transpose(1, 2)).clamp_min(0)  # (N, P, P)
+    same = labels[:, :, None] == labels[:, None, :]  # (N, P, P)
+    eye = torch.eye(labels.shape[1], dtype=torch.bool)
+    sim, same = sim.masked_fill(eye, 0), same & ~eye
+    query = labels > 0  # (N, P)
+    share = (sim * same).sum(-1) / sim.sum(-1).clamp_min(1e-12)  # (N, P)
+    chance = same.sum(-1) / (labels.shape[1] - 1)
+    return share[query].mean().item(), chance[query].float().mean().item()
+
+
+def analyze(tok, labels=None, masks=None):
+    """Every number of the two failures from collect_tokens' output; labels (N,) and masks (N,S,S) when the
+    dataset has them (mask-based figures need `scenes`). Returns (metrics, per-token details for plots)."""
+    N, R, P = tok["cls"].shape[0], tok["registers"].shape[1], tok["patches"].shape[1]
+    out_norms = tok["norms"][-1]  # (N, T) residual stream after the last block
+    cls_n, reg_n, patch_n = out_norms[:, 0], out_norms[:, 1:1 + R], out_norms[:, 1 + R:]
+    outl = find_outliers(patch_n)  # (N, P)
+    cls_attn = tok["attn"].mean(1)  # (N, T) mean over heads
+    f_cls, f_patch = F.normalize(tok["cls"], dim=-1), F.normalize(tok["patches"], dim=-1)
+    cos_cls = (f_patch * f_cls[:, None]).sum(-1)  # (N, P) cosine of each patch to its image's CLS
+    m = {"n_images": N, "outlier_rule": f"norm > median + {OUTLIER_K:g} x 1.4826 x MAD and > 2 x median",
+         "outlier_fraction": outl.float().mean().item(),
+         "patch_norm_median": patch_n.median().item(), "patch_norm_max": patch_n.max().item(),
+         "cls_norm_mean": cls_n.mean().item(),
+         "register_norm_mean": reg_n.mean().item() if R else None,
+         "patch_norm_bimodality": bimodality(patch_n),
+         "patch_norm_median_per_layer": tok["norms"][:, :, 1 + R:].flatten(1).median(1).values.tolist(),
+         "register_norm_mean_per_layer": tok["norms"][:, :, 1:1 + R].flatten(1).mean(1).tolist() if R else None,
+         "register_cls_attention_share": cls_attn[:, 1:1 + R].sum(1).mean().item() if R else None,
+         "patch_cls_cosine": cos_cls.mean().item(),
+         "patch_effective_rank": effective_rank(tok["patches"].flatten(0, 1)),
+         "outlier_cls_attention_share": None, "outlier_cls_cosine": None, "normal_cls_cosine": None,
+         "outlier_knn_acc": None, "normal_patch_knn_acc": None, "outlier_background_share": None,
+         "dense_miou": None, "similarity_locality": None, "similarity_locality_chance": None, "skipped": []}
+    has = outl.any(1)  # images with at least one outlier
+    if has.any():
+        share = (cls_attn[:, 1 + R:] * outl).sum(1)  # (N,) CLS attention mass on the image's outliers
+        m["outlier_cls_attention_share"] = share[has].mean().item()
+        m["outlier_cls_attention_share_if_uniform"] = (outl.sum(1)[has] / (1 + R + P)).float().mean().item()
+        m["outlier_cls_cosine"] = cos_cls[outl].mean().item()
+        m["normal_cls_cosine"] = cos_cls[~outl].mean().item()
+    # do the outliers hold global information? k-NN on the image label from one outlier token per image
+    # (its highest-norm one) vs one ordinary patch token of the same image, half the images as the bank
+    if labels is not None and has.sum() >= 40:
+        idx = has.nonzero()[:, 0]
+        top = patch_n[idx].argmax(1)
+        normal = torch.where(outl[idx], torch.inf, (patch_n[idx] - patch_n.median()).abs()).argmin(1)
+        fo, fn, y = tok["patches"][idx, top], tok["patches"][idx, normal], labels[idx]
+        h = len(idx) // 2
+        m["outlier_knn_acc"] = knn_classify(fo[:h], y[:h], fo[h:], y[h:])
+        m["normal_patch_knn_acc"] = knn_classify(fn[:h], y[:h], fn[h:], y[h:])
+    elif labels is not None:
+        m["skipped"].append("outlier_knn_acc (fewer than 40 images with outliers)")
+    if masks is not None:
+        lab = patch_labels(masks, tok["grid"][0])  # (N, P)
+        if outl.any():
+            m["outlier_background_share"] = (lab[outl] == 0).float().mean().item()
+        m["background_share"] = (lab == 0).float().mean().item()  # what a token picked at random would give
+        h = N // 2  # the dense probe trains on the first half of the images and is scored on the second
+        m["dense_miou"] = dense_probe(tok["patches"][:h].flatten(0, 1), lab[:h].flatten(),
+                                      tok["patches"][h:].flatten(0, 1), lab[h:].flatten())
+        m["similarity_locality"], m["similarity_locality_chance"] = similarity_locality(tok["patches"], lab)
+    else:
+        m["skipped"] += ["outlier_background_share", "dense_miou", "similarity_locality (need per-pixel masks: "
+                         "--dataset scenes)"]
+    return m, {"outliers": outl, "patch_norms": patch_n, "register_norms": reg_n, "cls_norms": cls_n,
+               "cls_attn": tok["attn"], "reg_attn": tok["reg_attn"]}
+
+
+def _pca_rgb(patches, fit=None):
+    """Patch features (N,P,D) -> (N,P,3) in [0,1]: the first 3 principal components (fitted on `fit`),
+    each min-max scaled over the whole set, as in the DINOv2 figures."""
+    fit = patches if fit is None else fit
+    x = fit.flatten(0, 1).float()
+    mu = x.mean(0)
+    _, _, V = torch.pca_lowrank(x - mu, q=3, center=False)
+    y = (patches.float() - mu) @ V  # (N, P, 3)
+    lo, hi = y.flatten(0, 1).quantile(0.01, 0), y.flatten(0, 1).quantile(0.99, 0)
+    return ((y - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+
+
+def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_show=6):
+    """Write the instruments' pictures as PNGs into out_dir; returns their paths. images uint8 (N,3,S,S)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    os.makedirs(out_dir, exist_ok=True)
+    g = tok["grid"][0]
+    R, P = tok["registers"].shape[1], tok["patches"].shape[1]
+    # show the images with the most outliers first (then the first ones): that is where the artifacts are
+    order = torch.argsort(details["outliers"].sum(1), descending=True, stable=True)[:n_show]
+    pics = images[order].permute(0, 2, 3, 1).cpu().numpy()
+    paths = []
+
+    def grid_fig(rows, name, suptitle, row_titles, cmap_rows, marks=None):
+        fig, ax = plt.subplots(len(rows) + 1, n_show, figsize=(2 * n_show, 2.1 * (len(rows) + 1)), squeeze=False)
+        for j in range(len(order)):
+            ax[0, j].imshow(pics[j])
+            for r, (vals, cmap) in enumerate(zip(rows, cmap_rows)):
+                im = ax[r + 1, j].imshow(vals[j], cmap=cmap, **({} if cmap is None else {"interpolation": "nearest"}))
+                if cmap is not None:
+                    fig.colorbar(im, ax=ax[r + 1, j], fraction=0.046, pad=0.02)
+                if marks is not None:  # the query patch of a similarity map
+                    ax[r + 1, j].plot(int(marks[j]) % g, int(marks[j]) // g, "kx", ms=8, mew=2)
+        for a in ax.flat:
+            a.set_xticks([]), a.set_yticks([])
+        ax[0, 0].set_ylabel("image")
+        for r, t in enumerate(row_titles):
+            ax[r + 1, 0].set_ylabel(t)
+        fig.suptitle(f"{suptitle}\n{title}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=80)
+        plt.close(fig)
+        paths.append(os.path.join(out_dir, name))
+
+    # 1. norm histogram: patch vs register vs CLS output norms (log counts: outliers are rare)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, v in (("patch tokens", details["patch_norms"]), ("registers", details["register_norms"]),
+                    ("CLS", details["cls_norms"])):
+        if v.numel():
+            ax.hist(v.flatten().numpy(), bins=80, alpha=0.6, label=name, log=True)
+    thr = metrics["patch_norm_median"]
+    ax.axvline(2 * thr, color="k", ls="--", lw=1, label="2 x patch median (outlier floor)")
+    ax.set_xlabel("token norm after the last block (before the final norm)")
+    ax.set_ylabel("tokens (log)")
+    ax.set_title(f"Output token norms: outlier fraction {metrics['outlier_fraction']:.3%}, bimodality "
+                 f"{metrics['patch_norm_bimodality']:.2f}\n{title}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "norm_hist.png"), dpi=80)
+    plt.close(fig)
+    paths.append(os.path.join(out_dir, "norm_hist.png"))
+    # 2. norms per layer: where in depth the high norms appear
+    fig, ax = plt.subplots(figsize=(7, 4))
+    L = tok["norms"].shape[0]
+    pn = tok["norms"][:, :, 1 + R:]
+    ax.plot(range(L), pn.flatten(1).median(1).values, "o-", label="patch median")
+    ax.plot(range(L), pn.flatten(1).max(1).values, "o--", label="patch max")
+    ax.plot(range(L), tok["norms"][:, :, 0].mean(1), "s-", label="CLS mean")
+    if R:
+        ax.plot(range(L), tok["norms"][:, :, 1:1 + R].flatten(1).mean(1), "^-", label="register mean")
+    ax.set_xlabel("layer (0 = input to block 1)")
+    ax.set_ylabel("token norm")
+    ax.set_yscale("log")
+    ax.set_title(f"Token norms through depth\n{title}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "norms_per_layer.png"), dpi=80)
+    plt.close(fig)
+    paths.append(os.path.join(out_dir, "norms_per_layer.png"))
+    # 3. norm maps and outliers over the patch grid
+    nm = details["patch_norms"][order].reshape(-1, g, g).numpy()
+    om = details["outliers"][order].reshape(-1, g, g).float().numpy()
+    grid_fig([nm, om], "norm_maps.png", "Output norm of each patch token, and the outliers (1)",
+             ["norm", "outlier"], ["viridis", "gray"])
+    # 4. CLS attention per head (last layer) and the registers' attention
+    ca = tok["attn"][order][:, :, 1 + R:].reshape(len(order), -1, g, g)  # (n, heads, g, g)
+    grid_fig([ca[:, h].numpy() for h in range(ca.shape[1])], "cls_attention.png",
+             "Last-layer CLS attention over the patches, per head", [f"head {h}" for h in range(ca.shape[1])],
+             ["inferno"] * ca.shape[1])
+    if R:
+        ra = tok["reg_attn"][order][:, :, 1 + R:].reshape(len(order), R, g, g)
+        grid_fig([ra[:, r].numpy() for r in range(R)], "register_attention.png",
+                 "Last-layer attention of each register over the patches (mean over heads)",
+                 [f"register {r}" for r in range(R)], ["inferno"] * R)
+    # 5. PCA of patch features as RGB, and similarity maps from a query patch on the object
+    pca = _pca_rgb(tok["patches"][order], fit=tok["patches"][:256]).reshape(len(order), g, g, 3).numpy()
+    f = F.normalize(tok["patches"][order], dim=-1)
+    if masks is not None:
+        lab = patch_labels(masks[order], g)
+        on = [(lab[i] > 0).nonzero()[:, 0] for i in range(len(order))]  # the middle object patch
+        q = torch.stack([c[len(c) // 2] if len(c) else torch.tensor(P // 2 + g // 2) for c in on])
+    else:
+        q = torch.full((len(order),), P // 2 + g // 2)  # the centre patch
+    sim = (f * f[torch.arange(len(order)), q][:, None]).sum(-1).reshape(-1, g, g).numpy()
+    grid_fig([pca, sim], "pca_similarity.png", "PCA of patch features (RGB) and cosine similarity to a query "
+             "patch (on the object; x marks it)", ["PCA", "similarity"], [None, "coolwarm"], marks=q)
+    return paths
+
+
+def plot_log(out_dir):
+    """Plot log.jsonl of a run: k-NN, dense mIoU, outlier fraction and the collapse signatures vs epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    path = os.path.join(out_dir, "log.jsonl")
+    if not os.path.exists(path):
+        raise UsageError(f"--plot-log: there is no log.jsonl in {out_dir}")
+    recs = [json.loads(line) for line in open(path) if line.strip()]
+    steps = [r for r in recs if r["type"] == "step"]
+    evals = [r for r in recs if r["type"] == "eval"]
+    fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
+    for key, a, lab in (("knn_acc", ax[0], "k-NN accuracy (CLS)"), ("dense_miou", ax[1], "dense-probe mIoU"),
+                        ("similarity_locality", ax[1], "similarity locality"),
+                        ("outlier_fraction", ax[2], "outlier fraction")):
+        pts = [(r["epoch"], r[key]) for r in evals if r.get(key) is not None]
+        if pts:
+            a.plot(*zip(*pts), "o-", label=lab)
+    ax[0].set_title("global quality")
+    ax[1].set_title("dense quality")
+    ax[2].set_title("high-norm outlier patch tokens")
+    if steps:
+        e = [r["epoch"] for r in steps]
+        ax[3].plot(e, [r["dino_over_lnK"] for r in steps], label="DINO loss / ln K")
+        lnk = steps[0]["dino"] / steps[0]["dino_over_lnK"]
+        ax[3].plot(e, [r["teacher_entropy"] / lnk for r in steps], label="teacher entropy / ln K")
+        ax[3].set_title("collapse signatures (1 = uniform)")
+    for a in ax:
+        a.set_xlabel("epoch")
+        a.legend(fontsize=8)
+    fig.suptitle(f"training log of {out_dir}")
+    fig.tight_layout()
+    out = os.path.join(out_dir, "analysis", "log.png")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def analyze_run(path, device_name="auto", n_images=1000):
+    """--analyze: load a checkpoint (or a run folder holding one), measure its EMA teacher on the test
+    images of its own dataset, and write analysis/metrics.json and the PNGs next to the checkpoint."""
+    ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.exists(ck_path):
+        raise UsageError(f"--analyze: found no checkpoint at {ck_path}")
+    ck = load_checkpoint(ck_path)
+    args = argparse.Namespace(**ck["args"])
+    device = pick_device(device_name)
+    backbone = build_backbone(args, student=False).to(device)
+    backbone.load_state_dict(ck["teacher_backbone"])
+    x_train, _, _, x_test, y_test, masks = load_data(args)
+    epoch = ck["step"] / max(1, len(x_train) // args.batch_size)
+    n = min(n_images, len(x_test))
+    tok = collect_tokens(backbone, x_test[:n], args.image_size, device)
+    metrics, details = analyze(tok, y_test[:n], masks[:n] if masks is not None else None)
+    metrics.update(checkpoint=ck_path, epoch=epoch, model=args.model, registers=args.registers,
+                   dataset=args.dataset)
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(ck_path)), "analysis")
+    title = f"{args.model} ViT, {args.registers} registers, {args.dataset}, epoch {epoch:g} (EMA teacher)"
+    pics = plot_analysis(tok, details, metrics, x_test[:n], out_dir, title, masks[:n] if masks is not None else None)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    for k in ("outlier_fraction", "outlier_background_share", "outlier_cls_attention_share", "outlier_knn_acc",
+              "normal_patch_knn_acc", "register_norm_mean", "register_cls_attention_share", "patch_norm_median",
+              "patch_norm_bimodality", "dense_miou", "patch_effective_rank", "patch_cls_cosine",
+              "similarity_locality", "similarity_locality_chance"):
+        v = metrics.get(k)
+        print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+    if metrics["skipped"]:
+        print("skipped: " + "; ".join(metrics["skipped"]))
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')} and {len(pics)} pictures in {out_dir}")
+    return metrics
+
+
+INSTRUMENTS_LOGGED = ("dense_miou", "similarity_locality", "outlier_fraction", "patch_norm_median",
+                      "register_norm_mean", "patch_effective_rank", "patch_cls_cosine")
+
+
+def eval_instruments(backbone, x_test, y_test, test_masks, args, device):
+    """The instruments' key figures for log.jsonl at each evaluation (dense ones only with masks)."""
+    n = min(args.analyze_images, len(x_test))
+    tok = collect_tokens(backbone, x_test[:n], args.image_size, device)
+    m, _ = analyze(tok, None, test_masks[:n] if test_masks is not None else None)
+    return {k: (round(m[k], 5) if m[k] is not None else None) for k in INSTRUMENTS_LOGGED}
+
+
+# -----------------------------------------------------------------------------------------------
+# 10. Command line
 # -----------------------------------------------------------------------------------------------
 
 def main(argv=None):
     parser = get_args_parser()
     args = resolve_args(parser.parse_args(argv), parser)
+    if args.analyze or args.plot_log:
+        try:
+            if args.plot_log:
+                print(f"wrote {plot_log(args.plot_log)}")
+            return analyze_run(args.analyze, args.device, args.analyze_images) if args.analyze else None
+        except (UsageError, CheckpointError) as e:
+            parser.error(str(e))
+        except DataUnavailable as e:
+            print(f"error: the data of the analysed run could not be loaded: {e}.", file=sys.stderr)
+            sys.exit(1)
     ck = os.path.join(args.out_dir, "checkpoint.pt")
     if os.path.exists(ck) and not (args.resume or args.overwrite):
         parser.error(f"{args.out_dir} already holds a run (checkpoint.pt). Add --resume to continue it, "

@@ -495,3 +495,65 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert abs(first[0]["dino"] - first[1]["dino"]) < 1e-4
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["teacher"] for d in ("ddp", "one"))
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+
+
+# ---- analysis: the instruments for the two failures ---------------------------------------------
+
+def test_outlier_rule_finds_planted_token_and_not_healthy_ones():
+    torch.manual_seed(0)
+    healthy = (torch.randn(200, 64, 32).norm(dim=-1))  # chi-distributed norms, a skewed healthy bulk
+    assert m.find_outliers(healthy).sum() == 0
+    planted = healthy.clone()
+    planted[7, 13] *= 8  # one artifact-like token, 8x the bulk
+    out = m.find_outliers(planted)
+    assert out.sum() == 1 and out[7, 13]
+    assert m.bimodality(torch.cat([torch.randn(1000), 10 + torch.randn(1000)])) > 5 / 9 > m.bimodality(torch.randn(2000))
+
+
+def test_dense_probe_scores_exact_features_high_and_noise_low():
+    torch.manual_seed(0)
+    y = torch.randint(0, 11, (4000,))
+    exact = F.one_hot(y, 11).float() + 0.01 * torch.randn(4000, 11)
+    assert m.dense_probe(exact[:2000], y[:2000], exact[2000:], y[2000:]) > 0.95
+    noise = torch.randn(4000, 16)
+    assert m.dense_probe(noise[:2000], y[:2000], noise[2000:], y[2000:]) < 0.15  # chance is 1/21 per class
+
+
+def test_effective_rank_of_rank_r_features():
+    torch.manual_seed(0)
+    for r in (1, 4, 16):
+        x = torch.randn(2000, r) @ torch.randn(r, 64)
+        assert 0.8 * r <= m.effective_rank(x) <= r + 0.01  # float32 round-off adds a hair
+
+
+def test_similarity_locality_and_patch_labels():
+    masks = torch.zeros(2, 8, 8, dtype=torch.uint8)
+    masks[:, :4, :4] = 3  # one object in the top-left quarter
+    lab = m.patch_labels(masks, 4)  # 2x2-pixel patches
+    assert lab.shape == (2, 16) and (lab == 3).sum() == 8 and set(lab.unique().tolist()) == {0, 3}
+    local = F.one_hot(lab, 4).float()  # features that say which object a patch is on
+    score, chance = m.similarity_locality(local, lab)
+    assert score > 0.999 and abs(chance - 3 / 15) < 1e-6
+    flat = torch.ones(2, 16, 4)  # every patch the same: similarity is spread evenly
+    assert abs(m.similarity_locality(flat, lab)[0] - chance) < 1e-6
+
+
+def test_analyze_command_writes_pictures_and_every_metric(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    m.main(TINY + ["--epochs", "1", "--out-dir", out, "--analyze-images", "64"])
+    rec = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))][-1]
+    assert rec["type"] == "eval" and 0 <= rec["dense_miou"] <= 1 and rec["outlier_fraction"] is not None
+    metrics = m.main(["--analyze", out, "--analyze-images", "64"])
+    saved = json.load(open(os.path.join(out, "analysis", "metrics.json")))
+    for k in ("outlier_fraction", "outlier_background_share", "outlier_cls_attention_share", "register_norm_mean",
+              "patch_norm_median", "dense_miou", "patch_effective_rank", "patch_cls_cosine", "similarity_locality"):
+        assert k in saved and k in metrics
+    for k in ("dense_miou", "patch_effective_rank", "patch_cls_cosine", "similarity_locality", "register_norm_mean"):
+        assert isinstance(saved[k], float)
+    for name in ("norm_hist", "norms_per_layer", "norm_maps", "cls_attention", "register_attention",
+                 "pca_similarity"):
+        path = os.path.join(out, "analysis", name + ".png")
+        assert os.path.getsize(path) > 1000
+    m.main(["--plot-log", out])
+    assert os.path.getsize(os.path.join(out, "analysis", "log.png")) > 1000
+    assert "dense_miou" in capsys.readouterr().out

@@ -176,6 +176,8 @@ def get_args_parser():
     a("--analyze", metavar="RUN_DIR_OR_CHECKPOINT", default=None, help="Instead of training: measure a trained "
       "teacher (token norms and outliers, attention, PCA/similarity maps, dense probe) and write analysis/*.png "
       "and analysis/metrics.json next to its checkpoint.")
+    a("--benchmark", action="store_true", help="Instead of training: time the full training step and the data "
+      "pipeline with the given model and crop flags, count FLOPs, and print MFU against a measured matmul peak.")
     a("--plot-log", metavar="RUN_DIR", default=None, help="Instead of training: plot RUN_DIR/log.jsonl (k-NN, "
       "dense mIoU, outlier fraction, collapse signatures vs epoch) into RUN_DIR/analysis/log.png.")
     return p
@@ -387,12 +389,14 @@ def _read_folder(root, size, workers):
     from PIL import Image
     exts = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
     if not os.path.isdir(root):
-        raise DataUnavailable(f"the image folder {root} does not exist")
+        raise UsageError(f"--data-dir {root}: the image folder does not exist (for --dataset folder, point "
+                         "--data-dir at a folder of class subfolders)")
     splits = {s: os.path.join(root, s) for s in ("train", "val")} if os.path.isdir(os.path.join(root, "train")) \
         else {"train": root, "val": root}
     classes = sorted(c for c in os.listdir(splits["train"]) if os.path.isdir(os.path.join(splits["train"], c)))
     if not classes:
-        raise DataUnavailable(f"{splits['train']} has no class subfolders holding images")
+        raise UsageError(f"--data-dir {splits['train']} has no class subfolders (--dataset folder expects "
+                         "DIR/class_name/image files, optionally under DIR/train and DIR/val)")
 
     def load(path):
         try:
@@ -420,7 +424,9 @@ def _read_folder(root, size, workers):
         keep = [i for i, im in enumerate(imgs) if im is not None]
         skipped += len(items) - len(keep)
         if not keep:
-            raise DataUnavailable(f"no readable images in the {split} part of {d}")
+            raise UsageError(f"--data-dir {d}: no readable images in its {split} part ({len(items)} image "
+                             "file(s) found, all unreadable)" if items else f"--data-dir {d}: its class "
+                             f"subfolders hold no image files ({', '.join(exts)}) for the {split} part")
         out[split] = (torch.stack([imgs[i] for i in keep]), torch.tensor([items[i][1] for i in keep]))
     if skipped:
         print(f"warning: skipped {skipped} unreadable image file(s) in {root}")
@@ -1125,13 +1131,14 @@ def load_checkpoint(path, args=None):
 
 
 class Stop:
-    """Remembers a SIGINT/SIGTERM so the loop can finish its step, save, and exit cleanly."""
+    """Remembers a SIGINT/SIGTERM (pending) so the loop can finish its step, save, and exit cleanly; with
+    several processes they first agree (signal) at the next logging interval, then all stop together."""
 
     def __init__(self):
-        self.signal = None
+        self.pending = self.signal = None
 
     def __call__(self, signum, frame):
-        self.signal = signum
+        self.pending = signum
 
 
 def train(args):
@@ -1226,8 +1233,7 @@ def train(args):
                 "gen_state": gen.get_state(), "rng_state": torch.get_rng_state()}
 
     stop = Stop()
-    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)} \
-        if master and not ddp else {}
+    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     log = open(log_path, "a") if master else None
     bar = None
     if master and not args.no_progress:
@@ -1235,6 +1241,7 @@ def train(args):
         bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
     acc, acc_n, t_log, t0, knn_acc = {}, 0, time.time(), time.time(), None
     train_time, step, since_eval, streak = 0.0, start_step, [], 0
+    first_bad = torch.tensor(-1, device=device)
     try:
         while step < total_steps:
             epoch, i = divmod(step, steps_per_epoch)
@@ -1264,11 +1271,8 @@ def train(args):
             with amp:
                 total, parts, stats = compute_losses(model, teacher_fwd, gram_teacher, images, crops, masks,
                                                      step, sched, args)
-            if not torch.isfinite(total):
-                bad = [k for k, v in parts.items() if not torch.isfinite(v)]
-                raise FloatingPointError(f"the loss became non-finite at step {step} (epoch {epoch}) in part(s) "
-                                         f"{', '.join(bad) or 'total'}; the last good checkpoint in {ck_path} is intact."
-                                         " Lower --lr, raise --warmup-epochs or check the data.")
+            # the first step whose loss is not finite, kept on the device (read at logging intervals only)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total.detach()), step, first_bad)
             opt.zero_grad(set_to_none=True)
             total.backward()
             if args.clip_grad > 0:
@@ -1285,6 +1289,21 @@ def train(args):
             for k, v in {**parts, **stats, "loss": total}.items():
                 acc[k] = acc.get(k, 0.0) + v.detach().float()
             acc_n += 1
+            epoch_end = step % steps_per_epoch == 0
+            if not ddp:
+                stop.signal = stop.pending
+            if step % args.log_every == 0 or step == total_steps or epoch_end or stop.signal:  # gates every save
+                if ddp:  # every process stops together: on a non-finite loss anywhere, or a signal to any
+                    flags = torch.tensor([first_bad.item() + 1, stop.pending or 0], device=device)
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    first_bad, stop.signal = flags[0] - 1, int(flags[1]) or None
+                if first_bad.item() >= 0:
+                    bad = [k for k, v in acc.items() if not torch.isfinite(v)]
+                    raise FloatingPointError(
+                        f"the loss became non-finite at step {first_bad.item()} (epoch "
+                        f"{first_bad.item() // steps_per_epoch}) in part(s) {', '.join(bad) or 'total'}; training "
+                        f"stopped and the last good checkpoint in {ck_path} is intact. Lower --lr, raise "
+                        "--warmup-epochs or --clip-grad, or check the data.")
             if step % args.log_every == 0 or step == total_steps:
                 now = time.time()
                 keys = sorted(acc)
@@ -1306,7 +1325,6 @@ def train(args):
                                      if k in rec}, refresh=False)
             if bar is not None:
                 bar.update(1)
-            epoch_end = step % steps_per_epoch == 0
             if epoch_end and ((step // steps_per_epoch) % args.eval_every == 0 or step == total_steps):
                 knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)["cls"]
                 inst = eval_instruments(teacher.backbone, x_test, y_test, test_masks, args, device)
@@ -1355,6 +1373,120 @@ def train(args):
     return summary
 
 
+# ---- benchmark: what one training step costs, and how much of the hardware it uses
+
+def measure_matmul_peak(device, dtype, n=None, reps=10):
+    """Measured matmul peak (TFLOP/s) of this device and dtype: median of `reps` square n x n matmuls."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times = []
+    for i in range(reps + 2):
+        _sync(device)
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / sorted(times[2:])[reps // 2] / 1e12
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def benchmark(args, warmup=3, reps=10):
+    """--benchmark: time the full training step (multi-crop, student and teacher forwards, every loss on
+    (Gram with --gram), backward, AdamW, EMA) and the data pipeline alone; count the FLOPs of one step;
+    print a table and, last, one JSON line. FLOPs are counted by torch.utils.flop_counter (matmuls,
+    convolutions and attention, forward and backward; element-wise work is not counted), per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+    device = pick_device(args.device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    torch.manual_seed(args.seed)
+    B, grid = args.batch_size, args.image_size // args.patch_size
+    images = make_scenes("train", max(B, 256), args.image_size * (2 if args.gram_hires else 1), args.seed)[0].to(device)
+    student = DINOModel(build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck).to(device)
+    teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    gram_teacher = make_gram_teacher(teacher.backbone) if args.gram else None
+    opt = torch.optim.AdamW(param_groups(student, args.depth, args.layer_decay), lr=1e-4,
+                            fused=device.type == "cuda")
+    sched = make_schedules(args, 100)
+    sched["steps_per_epoch"] = 1
+    bargs = copy.copy(args)
+    bargs.gram_start, bargs.gram_ramp_epochs = 0, 1e-9  # the Gram loss at full weight from step 0
+    model, teacher_fwd = (torch.compile(student), torch.compile(teacher)) if args.compile else (student, teacher)
+    gen = torch.Generator().manual_seed(args.seed)
+
+    def data(i):
+        batch = images[(torch.arange(B, device=device) + i * B) % len(images)]
+        crops = multicrop(batch, args, gen)
+        masks = ibot_masks(2 * B, grid, args, gen).to(device) if args.ibot_weight > 0 else None
+        return batch, crops, masks
+
+    def step(i, batch, crops, masks):
+        with amp:
+            total, _, _ = compute_losses(model, teacher_fwd, gram_teacher, batch, crops, masks, 50, sched, bargs)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        if args.clip_grad > 0:
+            nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+        opt.step()
+        ema_update(teacher, student, 0.996)
+
+    def timed(fn):
+        ts = []
+        for i in range(warmup + reps):
+            _sync(device)
+            t = time.perf_counter()
+            fn(i)
+            _sync(device)
+            ts.append(time.perf_counter() - t)
+        return sorted(ts[warmup:])[reps // 2]  # the median, after warm-up
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t_full = timed(lambda i: step(i, *data(i)))
+    fixed = data(0)
+    t_model = timed(lambda i: step(i, *fixed))
+    t_data = timed(data)
+    flop = FlopCounterMode(display=False)
+    with flop:
+        step(0, *fixed)
+    flops_per_img = flop.get_total_flops() / B
+    if device.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated() / 2 ** 20
+    else:
+        import resource
+        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = measure_matmul_peak(device, dtype)
+    achieved = flops_per_img * B / t_model / 1e12
+    res = {"train_img_per_s": round(B / t_full, 2), "model_step_img_per_s": round(B / t_model, 2),
+           "data_img_per_s": round(B / t_data, 1), "flops_per_img": round(flops_per_img),
+           "achieved_tflops": round(achieved, 4), "peak_tflops": round(peak, 4), "mfu": round(achieved / peak, 4),
+           "peak_mem_mb": round(peak_mem, 1), "device": str(device) + (f" ({torch.cuda.get_device_name()})"
+                                                                      if device.type == "cuda" else ""),
+           "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "batch_size": B,
+           "model": f"{args.model} dim {args.dim} depth {args.depth} heads {args.heads}",
+           "crops": f"2x{args.image_size}px + {args.local_crops}x{args.local_size}px, patch {args.patch_size}",
+           "losses": "dino" + ("+ibot" if args.ibot_weight > 0 else "") + ("+koleo" if args.koleo_weight > 0 else "")
+           + ("+gram" if args.gram else "")}
+    rows = [("full training step (data + model)", f"{res['train_img_per_s']:.1f} img/s", f"{1000 * t_full:.0f} ms"),
+            ("model step alone (fwd, bwd, AdamW, EMA)", f"{res['model_step_img_per_s']:.1f} img/s",
+             f"{1000 * t_model:.0f} ms"),
+            ("data pipeline alone (multi-crop + masks)", f"{res['data_img_per_s']:.1f} img/s", f"{1000 * t_data:.0f} ms"),
+            ("FLOPs per image (counted)", f"{flops_per_img / 1e9:.3f} GFLOP", ""),
+            ("achieved / measured matmul peak", f"{1000 * achieved:.1f} / {1000 * peak:.1f} GFLOP/s",
+             f"MFU {100 * res['mfu']:.1f}%"),
+            ("peak memory", f"{peak_mem:.0f} MB", "")]
+    print(f"benchmark: {res['model']}, {res['crops']}, batch {B}, losses {res['losses']}, {res['device']} "
+          f"{res['dtype']}, medians of {reps} steps after {warmup} warm-up")
+    for r in rows:
+        print(f"  {r[0]:42s} {r[1]:>26s} {r[2]:>12s}")
+    print(json.dumps(res))
+    return res
+
+
 # -----------------------------------------------------------------------------------------------
 # 8. Evaluation: weighted k-NN (DINO Sec. 4.1) and the two baselines
 # -----------------------------------------------------------------------------------------------
@@ -1393,10 +1525,29 @@ def knn_classify(train_f, train_y, test_f, test_y, k=20, temp=0.07, chunk=1024):
 KNN_BANK = 10000  # k-NN memory bank: at most this many training images (enough for 10 classes)
 
 
+def gather_features(backbone, images, image_size, device):
+    """extract_features over several processes: each takes its slice of the images, then all-gather."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return extract_features(backbone, images, image_size, device)
+    rank, world, n = dist.get_rank(), dist.get_world_size(), len(images)
+    per = math.ceil(n / world)
+    mine = images[rank * per:(rank + 1) * per]
+    f = extract_features(backbone, mine, image_size, device) if len(mine) else \
+        {k: torch.zeros(0, backbone.dim) for k in ("cls", "mean")}
+    out = {}
+    for k, v in f.items():
+        v = F.pad(v, (0, 0, 0, per - len(v))).to(device)  # equal shapes for all_gather
+        parts = [torch.empty_like(v) for _ in range(world)]
+        dist.all_gather(parts, v)
+        out[k] = torch.cat(parts)[:n].cpu()
+    return out
+
+
 def evaluate_knn(backbone, x_train, y_train, x_test, y_test, args, device, pools=("cls",)):
-    """k-NN accuracy {pool: acc} of the backbone's features, one feature pass for all pools."""
-    f_tr = extract_features(backbone, x_train[:KNN_BANK], args.image_size, device)
-    f_te = extract_features(backbone, x_test, args.image_size, device)
+    """k-NN accuracy {pool: acc} of the backbone's features, one feature pass for all pools (with several
+    processes, each extracts a slice and the features are gathered)."""
+    f_tr = gather_features(backbone, x_train[:KNN_BANK], args.image_size, device)
+    f_te = gather_features(backbone, x_test, args.image_size, device)
     return {p: knn_classify(f_tr[p], y_train[:KNN_BANK], f_te[p], y_test, args.knn_k, args.knn_temp) for p in pools}
 
 
@@ -1795,6 +1946,8 @@ def eval_instruments(backbone, x_test, y_test, test_masks, args, device):
 def main(argv=None):
     parser = get_args_parser()
     args = resolve_args(parser.parse_args(argv), parser)
+    if args.benchmark:
+        return benchmark(args)
     if args.analyze or args.plot_log:
         try:
             if args.plot_log:

@@ -493,8 +493,68 @@ def test_torchrun_two_processes_match_one(tmp_path):
     m.main(argv + ["--out-dir", str(tmp_path / "one")])
     first = [json.loads(open(tmp_path / d / "log.jsonl").readline()) for d in ("ddp", "one")]
     assert abs(first[0]["dino"] - first[1]["dino"]) < 1e-4
+    evals = [[json.loads(x) for x in open(tmp_path / d / "log.jsonl") if '"eval"' in x][-1] for d in ("ddp", "one")]
+    # k-NN on features gathered from the 2 processes; the teachers differ by float round-off, which may
+    # flip a near-tie among the 2000 test images
+    assert abs(evals[0]["knn_acc"] - evals[1]["knn_acc"]) <= 0.0025
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["teacher"] for d in ("ddp", "one"))
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
+
+
+def _gather_worker(rank, store, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    vit = m.ViT(image_size=16, patch_size=4, dim=32, depth=1, heads=2, num_registers=1)
+    f = m.gather_features(vit, m.make_scenes("test", 51, 16)[0], 16, torch.device("cpu"))  # 51: uneven slices
+    if rank == 0:
+        torch.save(f, out)
+    dist.destroy_process_group()
+
+
+def test_gather_features_equals_one_process(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_gather_worker, args=(str(tmp_path / "store"), str(tmp_path / "f.pt")), nprocs=2)
+    torch.manual_seed(0)
+    vit = m.ViT(image_size=16, patch_size=4, dim=32, depth=1, heads=2, num_registers=1)
+    one = m.extract_features(vit, m.make_scenes("test", 51, 16)[0], 16, torch.device("cpu"))
+    two = torch.load(tmp_path / "f.pt")
+    for k in ("cls", "mean"):
+        assert two[k].shape == one[k].shape == (51, 32)
+        assert_close(two[k], one[k])
+
+
+def test_non_finite_loss_stops_with_step_and_part_and_keeps_checkpoint(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "run")
+    calls = {"n": 0}
+    real = m.koleo_loss
+
+    def koleo_goes_nan(x, eps=1e-8):  # two calls per step (one per global crop); NaN from step 6 on
+        calls["n"] += 1
+        return real(x, eps) * (float("nan") if calls["n"] > 12 else 1.0)
+    monkeypatch.setattr(m, "koleo_loss", koleo_goes_nan)
+    with pytest.raises(SystemExit) as e:
+        m.main(TINY + ["--epochs", "3", "--out-dir", out, "--log-every", "3"])
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    assert "non-finite at step 6" in err and "koleo" in err and "intact" in err
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    assert ck["step"] == 4  # the end of epoch 1, saved before the NaN; nothing after it
+    assert all(torch.isfinite(v).all() for v in ck["student"].values())
+
+
+@pytest.mark.parametrize("layout", ["missing", "no_classes", "no_images"])
+def test_folder_missing_or_empty_is_a_usage_error(tmp_path, capsys, layout):
+    root = tmp_path / "imgs"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "no_images":
+        (root / "cat").mkdir()
+        (root / "cat" / "notes.txt").write_text("no images here")
+    with pytest.raises(SystemExit) as e:
+        m.main(["--dataset", "folder", "--data-dir", str(root), "--out-dir", str(tmp_path / "o"), "--no-progress"])
+    assert e.value.code == 2
+    assert "--data-dir" in capsys.readouterr().err
 
 
 # ---- analysis: the instruments for the two failures ---------------------------------------------

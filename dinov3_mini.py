@@ -1377,7 +1377,7 @@ def train(args):
 
 def measure_matmul_peak(device, dtype, n=None, reps=10):
     """Measured matmul peak (TFLOP/s) of this device and dtype: median of `reps` square n x n matmuls."""
-    n = n or (8192 if device.type == "cuda" else 1024)
+    n = n or (8192 if device.type == "cuda" else 2048)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     times = []
     for i in range(reps + 2):

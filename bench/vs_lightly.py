@@ -3,7 +3,7 @@
     pip install lightly            # for this benchmark only; not a requirement of dinov3-mini
     python bench/vs_lightly.py     # tiny ViT (192-d, 12 blocks, 3 heads), patch 4, 2x32 + 6x16 crops, batch 64
 
-Both steps are DINO only (our iBOT, KoLeo and Gram off), the same ViT shape, the same crops (the same
+Both steps are DINO only (our iBOT, KoLeo and Gram off), the same ViT shape (ours without registers), the same crops (the same
 tensors are fed to both), the same head (2048-2048-256 -> 4096 prototypes) and batch. A step is: teacher
 forward on the 2 global crops, student forward on all 8 crops, DINO loss, backward, AdamW, EMA update.
 lightly's side is built from its own components: MaskedVisionTransformerTorchvision around torchvision's
@@ -43,8 +43,8 @@ def lightly_step_fn(dim, depth, heads, image_size, patch, hidden, prototypes, lr
         def forward(self, x):
             return self.head(self.backbone(x))
 
-    student = Student()
-    teacher = copy.deepcopy(student)
+    student, teacher = Student(), Student()  # (deepcopy fails on lightly's weight-normed head)
+    teacher.load_state_dict(student.state_dict())
     deactivate_requires_grad(teacher)
     criterion = DINOLoss(output_dim=prototypes, warmup_teacher_temp_epochs=5)
     opt = torch.optim.AdamW(student.parameters(), lr=lr)
@@ -94,10 +94,12 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="timed steps per side per round (median)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--model", default="tiny")
+    p.add_argument("--registers", type=int, default=0, help="ours only; 0 = the peer's token count")
     a = p.parse_args()
     torch.manual_seed(0)
-    args = dm.get_args_parser().parse_args(["--model", a.model, "--batch-size", str(a.batch_size),
-                                            "--ibot-weight", "0", "--koleo-weight", "0"])
+    # the same ViT shape as the peer's: no registers (torchvision's ViT has none), DINO loss only
+    args = dm.get_args_parser().parse_args(["--model", a.model, "--batch-size", str(a.batch_size), "--registers",
+                                            str(a.registers), "--ibot-weight", "0", "--koleo-weight", "0"])
     args = dm.resolve_args(args, dm.get_args_parser())
     B = a.batch_size
     images = dm.make_scenes("train", B, args.image_size)[0]

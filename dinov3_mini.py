@@ -1706,7 +1706,7 @@ def analyze(tok, labels=None, masks=None):
          "patch_effective_rank": effective_rank(tok["patches"].flatten(0, 1)),
          "outlier_cls_attention_share": None, "outlier_cls_cosine": None, "normal_cls_cosine": None,
          "outlier_knn_acc": None, "normal_patch_knn_acc": None, "outlier_background_share": None,
-         "dense_miou": None, "similarity_locality": None, "similarity_locality_chance": None, "skipped": []}
+         "dense_miou": None, "dense_fg_miou": None, "similarity_locality": None, "similarity_locality_chance": None, "skipped": []}
     has = outl.any(1)  # images with at least one outlier
     if has.any():
         share = (cls_attn[:, 1 + R:] * outl).sum(1)  # (N,) CLS attention mass on the image's outliers
@@ -1732,11 +1732,13 @@ def analyze(tok, labels=None, masks=None):
             m["outlier_background_share"] = (lab[outl] == 0).float().mean().item()
         m["background_share"] = (lab == 0).float().mean().item()  # what a token picked at random would give
         h = N // 2  # the dense probe trains on the first half of the images and is scored on the second
-        m["dense_miou"] = dense_probe(tok["patches"][:h].flatten(0, 1), lab[:h].flatten(),
-                                      tok["patches"][h:].flatten(0, 1), lab[h:].flatten())
+        f_tr, f_te = tok["patches"][:h].flatten(0, 1), tok["patches"][h:].flatten(0, 1)
+        m["dense_miou"] = dense_probe(f_tr, lab[:h].flatten(), f_te, lab[h:].flatten())
+        # object vs background alone (2 classes): moves earlier than the 11-class mIoU in weak models
+        m["dense_fg_miou"] = dense_probe(f_tr, (lab[:h] > 0).long().flatten(), f_te, (lab[h:] > 0).long().flatten())
         m["similarity_locality"], m["similarity_locality_chance"] = similarity_locality(tok["patches"], lab)
     else:
-        m["skipped"] += ["outlier_background_share", "dense_miou", "similarity_locality (need per-pixel masks: "
+        m["skipped"] += ["outlier_background_share", "dense_miou", "dense_fg_miou", "similarity_locality (need per-pixel masks: "
                          "--dataset scenes)"]
     return m, {"outliers": outl, "patch_norms": patch_n, "register_norms": reg_n, "cls_norms": cls_n,
                "cls_attn": tok["attn"], "reg_attn": tok["reg_attn"]}
@@ -1790,10 +1792,13 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
 
     # 1. norm histogram: patch vs register vs CLS output norms (log counts: outliers are rare)
     fig, ax = plt.subplots(figsize=(7, 4))
+    allv = torch.cat([details[k].flatten() for k in ("patch_norms", "register_norms", "cls_norms")])
+    bins = torch.logspace(math.log10(max(allv.min().item(), 1e-6)), math.log10(allv.max().item() * 1.01), 81).numpy()
     for name, v in (("patch tokens", details["patch_norms"]), ("registers", details["register_norms"]),
                     ("CLS", details["cls_norms"])):
         if v.numel():
-            ax.hist(v.flatten().numpy(), bins=80, alpha=0.6, label=name, log=True)
+            ax.hist(v.flatten().numpy(), bins=bins, alpha=0.6, label=name, log=True)
+    ax.set_xscale("log")  # registers/CLS and artifacts can sit decades away from the patch bulk
     thr = metrics["patch_norm_median"]
     ax.axvline(2 * thr, color="k", ls="--", lw=1, label="2 x patch median (outlier floor)")
     ax.set_xlabel("token norm after the last block (before the final norm)")
@@ -1843,8 +1848,16 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
     f = F.normalize(tok["patches"][order], dim=-1)
     if masks is not None:
         lab = patch_labels(masks[order], g)
-        on = [(lab[i] > 0).nonzero()[:, 0] for i in range(len(order))]  # the middle object patch
-        q = torch.stack([c[len(c) // 2] if len(c) else torch.tensor(P // 2 + g // 2) for c in on])
+        q = []  # the patch of the main object (its most frequent label) nearest the object's centroid
+        for i in range(len(order)):
+            fg = lab[i][lab[i] > 0]
+            if not len(fg):
+                q.append(P // 2 + g // 2)
+                continue
+            on = (lab[i] == fg.mode().values).nonzero()[:, 0]
+            yx = torch.stack([on // g, on % g], 1).float()
+            q.append(on[(yx - yx.mean(0)).norm(dim=1).argmin()].item())
+        q = torch.tensor(q)
     else:
         q = torch.full((len(order),), P // 2 + g // 2)  # the centre patch
     sim = (f * f[torch.arange(len(order)), q][:, None]).sum(-1).reshape(-1, g, g).numpy()
@@ -1866,6 +1879,7 @@ def plot_log(out_dir):
     evals = [r for r in recs if r["type"] == "eval"]
     fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
     for key, a, lab in (("knn_acc", ax[0], "k-NN accuracy (CLS)"), ("dense_miou", ax[1], "dense-probe mIoU"),
+                        ("dense_fg_miou", ax[1], "object/background probe mIoU"),
                         ("similarity_locality", ax[1], "similarity locality"),
                         ("outlier_fraction", ax[2], "outlier fraction")):
         pts = [(r["epoch"], r[key]) for r in evals if r.get(key) is not None]
@@ -1917,7 +1931,7 @@ def analyze_run(path, device_name="auto", n_images=1000):
         json.dump(metrics, f, indent=2)
     for k in ("outlier_fraction", "outlier_background_share", "outlier_cls_attention_share", "outlier_knn_acc",
               "normal_patch_knn_acc", "register_norm_mean", "register_cls_attention_share", "patch_norm_median",
-              "patch_norm_bimodality", "dense_miou", "patch_effective_rank", "patch_cls_cosine",
+              "patch_norm_bimodality", "dense_miou", "dense_fg_miou", "patch_effective_rank", "patch_cls_cosine",
               "similarity_locality", "similarity_locality_chance"):
         v = metrics.get(k)
         print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
@@ -1927,7 +1941,7 @@ def analyze_run(path, device_name="auto", n_images=1000):
     return metrics
 
 
-INSTRUMENTS_LOGGED = ("dense_miou", "similarity_locality", "outlier_fraction", "patch_norm_median",
+INSTRUMENTS_LOGGED = ("dense_miou", "dense_fg_miou", "similarity_locality", "outlier_fraction", "patch_norm_median",
                       "register_norm_mean", "patch_effective_rank", "patch_cls_cosine")
 
 

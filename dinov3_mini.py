@@ -672,9 +672,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, rope=None, return_attn=False):
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        qkv = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        q, k, v = qkv.unbind(0)
         if rope is not None:
-            q, k = rope_apply(q, *rope), rope_apply(k, *rope)
+            q, k = rope_apply(qkv[:2], *rope).unbind(0)  # q and k rotated in one pass
         attn = None
         if return_attn:  # the explicit path: softmax(q k^T / sqrt(d)) v, keeping the (B, H, T, T) maps
             attn = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)

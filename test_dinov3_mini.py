@@ -617,3 +617,13 @@ def test_analyze_command_writes_pictures_and_every_metric(tmp_path, capsys):
     m.main(["--plot-log", out])
     assert os.path.getsize(os.path.join(out, "analysis", "log.png")) > 1000
     assert "dense_miou" in capsys.readouterr().out
+
+
+def test_benchmark_prints_table_and_json(capsys):
+    res = m.main(["--benchmark", "--dim", "32", "--depth", "2", "--heads", "2", "--head-hidden", "64",
+                  "--prototypes", "64", "--batch-size", "8", "--local-crops", "2", "--gram"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for k in ("train_img_per_s", "data_img_per_s", "flops_per_img", "achieved_tflops", "peak_tflops", "mfu",
+              "peak_mem_mb", "device"):
+        assert k in last and last[k] == res[k]
+    assert last["flops_per_img"] > 0 and 0 < last["mfu"] < 1.5 and last["losses"] == "dino+ibot+koleo+gram"

@@ -501,6 +501,30 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
 
 
+def test_torchrun_sigterm_saves_and_resumes(tmp_path):
+    """SIGTERM to the whole torchrun process group (what Ctrl-C or a scheduler does): the 2 processes agree
+    at the next logging interval, rank 0 saves, and --resume continues from that step."""
+    import time
+    out = tmp_path / "ddp"
+    argv = TINY + ["--epochs", "200", "--num-images", "128", "--out-dir", str(out), "--log-every", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(HERE, "dinov3_mini.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd + argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         start_new_session=True)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGTERM)
+    text = p.communicate(timeout=120)[0]
+    assert "SIGTERM: saved" in text, text[-2000:]
+    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < step < 200 * 8 and step % 2 == 0  # saved at an agreed logging interval, mid-run
+    r = subprocess.run(cmd + [a if a != "200" else "1" for a in argv] + ["--resume"], capture_output=True,
+                       text=True, env=env, timeout=120)  # fewer epochs: the run is already past them
+    assert f"resumed from {out / 'checkpoint.pt'} at step {step}" in r.stdout + r.stderr
+
+
 def _gather_worker(rank, store, out):
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)

@@ -1475,7 +1475,8 @@ def benchmark(args, warmup=3, reps=10):
     rows = [("full training step (data + model)", f"{res['train_img_per_s']:.1f} img/s", f"{1000 * t_full:.0f} ms"),
             ("model step alone (fwd, bwd, AdamW, EMA)", f"{res['model_step_img_per_s']:.1f} img/s",
              f"{1000 * t_model:.0f} ms"),
-            ("data pipeline alone (multi-crop + masks)", f"{res['data_img_per_s']:.1f} img/s", f"{1000 * t_data:.0f} ms"),
+            ("data pipeline alone (multi-crop + masks)", f"{res['data_img_per_s']:.1f} img/s",
+             f"{1000 * t_data:.0f} ms"),
             ("FLOPs per image (counted)", f"{flops_per_img / 1e9:.3f} GFLOP", ""),
             ("achieved / measured matmul peak", f"{1000 * achieved:.1f} / {1000 * peak:.1f} GFLOP/s",
              f"MFU {100 * res['mfu']:.1f}%"),
@@ -1673,15 +1674,17 @@ def similarity_locality(patches, labels):
     to the other patches of its image, clamped at 0; the share of that mass on patches of the same label.
     patches (N,P,D), labels (N,P) -> (score, chance) where chance is the share that same-label patches
     would get if the mass were spread evenly. Degraded dense features score near chance."""
-    f = F.normalize(patches.float(), dim=-1)
-    sim = (f @ f.transpose(1, 2)).clamp_min(0)  # (N, P, P)
-    same = labels[:, :, None] == labels[:, None, :]  # (N, P, P)
     eye = torch.eye(labels.shape[1], dtype=torch.bool)
-    sim, same = sim.masked_fill(eye, 0), same & ~eye
-    query = labels > 0  # (N, P)
-    share = (sim * same).sum(-1) / sim.sum(-1).clamp_min(1e-12)  # (N, P)
-    chance = same.sum(-1) / (labels.shape[1] - 1)
-    return share[query].mean().item(), chance[query].float().mean().item()
+    shares, chances = [], []
+    for i in range(0, len(patches), 64):  # 64 images at a time: (64, P, P) stays small at 96 px too
+        f = F.normalize(patches[i:i + 64].float(), dim=-1)
+        lab = labels[i:i + 64]
+        sim = (f @ f.transpose(1, 2)).clamp_min(0).masked_fill(eye, 0)  # (n, P, P)
+        same = (lab[:, :, None] == lab[:, None, :]) & ~eye  # (n, P, P)
+        query = lab > 0  # (n, P)
+        shares.append(((sim * same).sum(-1) / sim.sum(-1).clamp_min(1e-12))[query])
+        chances.append((same.sum(-1) / (labels.shape[1] - 1))[query])
+    return torch.cat(shares).mean().item(), torch.cat(chances).float().mean().item()
 
 
 def analyze(tok, labels=None, masks=None):
@@ -1707,7 +1710,8 @@ def analyze(tok, labels=None, masks=None):
          "patch_effective_rank": effective_rank(tok["patches"].flatten(0, 1)),
          "outlier_cls_attention_share": None, "outlier_cls_cosine": None, "normal_cls_cosine": None,
          "outlier_knn_acc": None, "normal_patch_knn_acc": None, "outlier_background_share": None,
-         "dense_miou": None, "dense_fg_miou": None, "similarity_locality": None, "similarity_locality_chance": None, "skipped": []}
+         "dense_miou": None, "dense_fg_miou": None, "similarity_locality": None,
+         "similarity_locality_chance": None, "skipped": []}
     has = outl.any(1)  # images with at least one outlier
     if has.any():
         share = (cls_attn[:, 1 + R:] * outl).sum(1)  # (N,) CLS attention mass on the image's outliers
@@ -1736,11 +1740,12 @@ def analyze(tok, labels=None, masks=None):
         f_tr, f_te = tok["patches"][:h].flatten(0, 1), tok["patches"][h:].flatten(0, 1)
         m["dense_miou"] = dense_probe(f_tr, lab[:h].flatten(), f_te, lab[h:].flatten())
         # object vs background alone (2 classes): moves earlier than the 11-class mIoU in weak models
-        m["dense_fg_miou"] = dense_probe(f_tr, (lab[:h] > 0).long().flatten(), f_te, (lab[h:] > 0).long().flatten())
+        fg = (lab > 0).long()
+        m["dense_fg_miou"] = dense_probe(f_tr, fg[:h].flatten(), f_te, fg[h:].flatten())
         m["similarity_locality"], m["similarity_locality_chance"] = similarity_locality(tok["patches"], lab)
     else:
-        m["skipped"] += ["outlier_background_share", "dense_miou", "dense_fg_miou", "similarity_locality (need per-pixel masks: "
-                         "--dataset scenes)"]
+        m["skipped"] += ["outlier_background_share", "dense_miou", "dense_fg_miou",
+                         "similarity_locality (need per-pixel masks: --dataset scenes)"]
     return m, {"outliers": outl, "patch_norms": patch_n, "register_norms": reg_n, "cls_norms": cls_n,
                "cls_attn": tok["attn"], "reg_attn": tok["reg_attn"]}
 

@@ -591,7 +591,8 @@ def test_outlier_rule_finds_planted_token_and_not_healthy_ones():
     planted[7, 13] *= 8  # one artifact-like token, 8x the bulk
     out = m.find_outliers(planted)
     assert out.sum() == 1 and out[7, 13]
-    assert m.bimodality(torch.cat([torch.randn(1000), 10 + torch.randn(1000)])) > 5 / 9 > m.bimodality(torch.randn(2000))
+    two_modes = torch.cat([torch.randn(1000), 10 + torch.randn(1000)])
+    assert m.bimodality(two_modes) > 5 / 9 > m.bimodality(torch.randn(2000))
 
 
 def test_dense_probe_scores_exact_features_high_and_noise_low():

@@ -3,8 +3,8 @@
     pip install lightly            # for this benchmark only; not a requirement of dinov3-mini
     python bench/vs_lightly.py     # tiny ViT (192-d, 12 blocks, 3 heads), patch 4, 2x32 + 6x16 crops, batch 64
 
-Both steps are DINO only (our iBOT, KoLeo and Gram off), the same ViT shape (ours without registers), the same crops (the same
-tensors are fed to both), the same head (2048-2048-256 -> 4096 prototypes) and batch. A step is: teacher
+Both steps are DINO only (our iBOT, KoLeo and Gram off), the same ViT shape (ours without registers), the
+same crops (the same tensors are fed to both), the same head (2048-2048-256 -> 4096 prototypes) and batch. A step is: teacher
 forward on the 2 global crops, student forward on all 8 crops, DINO loss, backward, AdamW, EMA update.
 lightly's side is built from its own components: MaskedVisionTransformerTorchvision around torchvision's
 VisionTransformer (learned position embeddings, interpolated for the local crops), DINOProjectionHead,

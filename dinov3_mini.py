@@ -1493,17 +1493,23 @@ def benchmark(args, warmup=3, reps=10):
 # 8. Evaluation: weighted k-NN (DINO Sec. 4.1) and the two baselines
 # -----------------------------------------------------------------------------------------------
 
+def eval_batches(images, image_size, device, batch):
+    """uint8 images (N,3,S,S) -> normalised float batches at image_size (resized only if they differ)."""
+    for i in range(0, len(images), batch):
+        x = images[i:i + batch].to(device).float() / 255
+        if x.shape[-1] != image_size:
+            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+        yield normalize(x)
+
+
 @torch.no_grad()
 def extract_features(backbone, images, image_size, device, batch=256):
     """Features of uint8 images (N,3,S,S): {"cls": the CLS token (N, D), "mean": the mean patch token (N, D)}."""
     was_training = backbone.training
     backbone.eval()
     feats = {"cls": [], "mean": []}
-    for i in range(0, len(images), batch):
-        x = images[i:i + batch].to(device).float() / 255
-        if x.shape[-1] != image_size:
-            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-        out = backbone(normalize(x))
+    for x in eval_batches(images, image_size, device, batch):
+        out = backbone(x)
         feats["cls"].append(out["cls"].float().cpu())
         feats["mean"].append(out["patches"].mean(1).float().cpu())
     backbone.train(was_training)
@@ -1586,11 +1592,8 @@ def collect_tokens(backbone, images, image_size, device, batch=128):
     was_training = backbone.training
     backbone.eval()
     R, keep = backbone.num_registers, {}
-    for i in range(0, len(images), batch):
-        x = images[i:i + batch].to(device).float() / 255
-        if x.shape[-1] != image_size:
-            x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-        out = backbone(normalize(x), return_norms=True, return_attn=True)
+    for x in eval_batches(images, image_size, device, batch):
+        out = backbone(x, return_norms=True, return_attn=True)
         a = out["attn"][-1].float()  # (b, heads, T, T)
         for k, v in (("norms", out["norms"]), ("cls", out["cls"]), ("registers", out["registers"]),
                      ("patches", out["patches"]), ("attn", a[:, :, 0]), ("reg_attn", a[:, :, 1:1 + R].mean(1))):

@@ -93,8 +93,10 @@ def get_args_parser():
       "8x8 grid). Smaller patches cost quadratically more attention.")
     a("--registers", type=int, default=4, help="Register tokens (DINOv3: 4). 0 reproduces the plain ViT that "
       "grows high-norm artifact tokens; one register already removes them in the registers paper.")
-    a("--layerscale", type=float, default=1e-5, help="LayerScale init (reference 1e-5); 0 disables LayerScale. "
-      "Reported as needed for high-norm outliers to appear at small scale.")
+    a("--layerscale", type=float, default=None, help="LayerScale init (reference 1e-5); 0 disables LayerScale. "
+      "Default: 1e-5, but 0.1 for nano (CaiT's value for depth <= 18): at 1e-5 a shallow net's CLS outputs start "
+      "almost identical across images (mean cosine 0.91), so the first Sinkhorn targets are uniform. LayerScale is "
+      "reported as needed for high-norm outliers to appear at small scale.")
     a("--drop-path", type=float, default=None, help="Stochastic depth on the student (reference 0.1-0.4 by "
       "size). Default 0 for nano, 0.1 otherwise.")
     a("--rope-rescale", type=float, default=2.0, help="Train-time RoPE box jitter: coordinates rescaled by a "
@@ -193,6 +195,8 @@ def resolve_args(args, parser):
     args.image_size = args.image_size or native[args.dataset]
     if args.local_size is None:
         args.local_size = max(args.patch_size, (args.image_size // 2) // args.patch_size * args.patch_size)
+    if args.layerscale is None:
+        args.layerscale = 0.1 if args.model == "nano" else 1e-5
     if args.drop_path is None:
         args.drop_path = 0.0 if args.model == "nano" else 0.1
     args.warmup_epochs = max(1, round(0.1 * args.epochs)) if args.warmup_epochs is None else args.warmup_epochs
@@ -1767,9 +1771,7 @@ def _pca_rgb(patches, fit=None):
 
 def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_show=6):
     """Write the instruments' pictures as PNGs into out_dir; returns their paths. images uint8 (N,3,S,S)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: draws off-screen and leaves the caller's backend alone
     os.makedirs(out_dir, exist_ok=True)
     g = tok["grid"][0]
     R, P = tok["registers"].shape[1], tok["patches"].shape[1]
@@ -1779,7 +1781,8 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
     paths = []
 
     def grid_fig(rows, name, suptitle, row_titles, cmap_rows, marks=None):
-        fig, ax = plt.subplots(len(rows) + 1, n_show, figsize=(2 * n_show, 2.1 * (len(rows) + 1)), squeeze=False)
+        fig = Figure(figsize=(2 * n_show, 2.1 * (len(rows) + 1)))
+        ax = fig.subplots(len(rows) + 1, n_show, squeeze=False)
         for j in range(len(order)):
             ax[0, j].imshow(pics[j])
             for r, (vals, cmap) in enumerate(zip(rows, cmap_rows)):
@@ -1796,11 +1799,11 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
         fig.suptitle(f"{suptitle}\n{title}")
         fig.tight_layout()
         fig.savefig(os.path.join(out_dir, name), dpi=80)
-        plt.close(fig)
         paths.append(os.path.join(out_dir, name))
 
     # 1. norm histogram: patch vs register vs CLS output norms (log counts: outliers are rare)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     allv = torch.cat([details[k].flatten() for k in ("patch_norms", "register_norms", "cls_norms")])
     bins = torch.logspace(math.log10(max(allv.min().item(), 1e-6)), math.log10(allv.max().item() * 1.01), 81).numpy()
     for name, v in (("patch tokens", details["patch_norms"]), ("registers", details["register_norms"]),
@@ -1817,10 +1820,10 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "norm_hist.png"), dpi=80)
-    plt.close(fig)
     paths.append(os.path.join(out_dir, "norm_hist.png"))
     # 2. norms per layer: where in depth the high norms appear
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     L = tok["norms"].shape[0]
     pn = tok["norms"][:, :, 1 + R:]
     ax.plot(range(L), pn.flatten(1).median(1).values, "o-", label="patch median")
@@ -1835,7 +1838,6 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "norms_per_layer.png"), dpi=80)
-    plt.close(fig)
     paths.append(os.path.join(out_dir, "norms_per_layer.png"))
     # 3. norm maps and outliers over the patch grid
     nm = details["patch_norms"][order].reshape(-1, g, g).numpy()
@@ -1877,16 +1879,15 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
 
 def plot_log(out_dir):
     """Plot log.jsonl of a run: k-NN, dense mIoU, outlier fraction and the collapse signatures vs epoch."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: draws off-screen and leaves the caller's backend alone
     path = os.path.join(out_dir, "log.jsonl")
     if not os.path.exists(path):
         raise UsageError(f"--plot-log: there is no log.jsonl in {out_dir}")
     recs = [json.loads(line) for line in open(path) if line.strip()]
     steps = [r for r in recs if r["type"] == "step"]
     evals = [r for r in recs if r["type"] == "eval"]
-    fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
+    fig = Figure(figsize=(18, 3.8))
+    ax = fig.subplots(1, 4)
     for key, a, lab in (("knn_acc", ax[0], "k-NN accuracy (CLS)"), ("dense_miou", ax[1], "dense-probe mIoU"),
                         ("dense_fg_miou", ax[1], "object/background probe mIoU"),
                         ("similarity_locality", ax[1], "similarity locality"),
@@ -1911,21 +1912,30 @@ def plot_log(out_dir):
     out = os.path.join(out_dir, "analysis", "log.png")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     fig.savefig(out, dpi=80)
-    plt.close(fig)
     return out
+
+
+def load_teacher(path, device="cpu", which="teacher_backbone"):
+    """The EMA teacher's backbone (or, which="gram_teacher", the Gram teacher's) of a run folder or checkpoint,
+    in eval mode: (backbone, the run's args as a Namespace, the checkpoint dict)."""
+    ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.exists(ck_path):
+        raise UsageError(f"found no checkpoint at {ck_path}")
+    ck = load_checkpoint(ck_path)
+    if ck.get(which) is None:
+        raise UsageError(f"{ck_path} holds no {which.replace('_', ' ')}")
+    args = argparse.Namespace(**ck["args"])
+    backbone = build_backbone(args, student=False).to(device)
+    backbone.load_state_dict(ck[which])
+    return backbone.eval(), args, ck
 
 
 def analyze_run(path, device_name="auto", n_images=1000):
     """--analyze: load a checkpoint (or a run folder holding one), measure its EMA teacher on the test
     images of its own dataset, and write analysis/metrics.json and the PNGs next to the checkpoint."""
-    ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    if not os.path.exists(ck_path):
-        raise UsageError(f"--analyze: found no checkpoint at {ck_path}")
-    ck = load_checkpoint(ck_path)
-    args = argparse.Namespace(**ck["args"])
     device = pick_device(device_name)
-    backbone = build_backbone(args, student=False).to(device)
-    backbone.load_state_dict(ck["teacher_backbone"])
+    backbone, args, ck = load_teacher(path, device)
+    ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     x_train, _, _, x_test, y_test, masks = load_data(args)
     epoch = ck["step"] / max(1, len(x_train) // args.batch_size)
     n = min(n_images, len(x_test))

@@ -492,7 +492,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     m.main(argv + ["--out-dir", str(tmp_path / "one")])
     first = [json.loads(open(tmp_path / d / "log.jsonl").readline()) for d in ("ddp", "one")]
-    assert abs(first[0]["dino"] - first[1]["dino"]) < 1e-4
+    # equal up to float32 round-off, which the division by the teacher temperature (0.04) amplifies; a sharding
+    # bug (a wrong crop pairing, an un-reduced Sinkhorn sum) moves the loss by 1e-2 or more
+    assert abs(first[0]["dino"] - first[1]["dino"]) < 1e-4 * abs(first[1]["dino"])
     evals = [[json.loads(x) for x in open(tmp_path / d / "log.jsonl") if '"eval"' in x][-1] for d in ("ddp", "one")]
     # k-NN on features gathered from the 2 processes; the teachers differ by float round-off, which may
     # flip a near-tie among the 2000 test images

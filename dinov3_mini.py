@@ -1915,27 +1915,24 @@ def plot_log(out_dir):
     return out
 
 
-def load_teacher(path, device="cpu", which="teacher_backbone"):
-    """The EMA teacher's backbone (or, which="gram_teacher", the Gram teacher's) of a run folder or checkpoint,
-    in eval mode: (backbone, the run's args as a Namespace, the checkpoint dict)."""
+def load_teacher(path, device="cpu"):
+    """The EMA teacher's backbone of a run folder or checkpoint, in eval mode: (backbone, the run's args, checkpoint)."""
     ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     if not os.path.exists(ck_path):
         raise UsageError(f"found no checkpoint at {ck_path}")
     ck = load_checkpoint(ck_path)
-    if ck.get(which) is None:
-        raise UsageError(f"{ck_path} holds no {which.replace('_', ' ')}")
     args = argparse.Namespace(**ck["args"])
     backbone = build_backbone(args, student=False).to(device)
-    backbone.load_state_dict(ck[which])
+    backbone.load_state_dict(ck["teacher_backbone"])
     return backbone.eval(), args, ck
 
 
 def analyze_run(path, device_name="auto", n_images=1000):
     """--analyze: load a checkpoint (or a run folder holding one), measure its EMA teacher on the test
     images of its own dataset, and write analysis/metrics.json and the PNGs next to the checkpoint."""
-    device = pick_device(device_name)
-    backbone, args, ck = load_teacher(path, device)
     ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    device = pick_device(device_name)
+    backbone, args, ck = load_teacher(ck_path, device)
     x_train, _, _, x_test, y_test, masks = load_data(args)
     epoch = ck["step"] / max(1, len(x_train) // args.batch_size)
     n = min(n_images, len(x_test))

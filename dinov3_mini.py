@@ -1919,7 +1919,7 @@ def load_teacher(path, device="cpu"):
     """The EMA teacher's backbone of a run folder or checkpoint, in eval mode: (backbone, the run's args, checkpoint)."""
     ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     if not os.path.exists(ck_path):
-        raise UsageError(f"found no checkpoint at {ck_path}")
+        raise UsageError(f"found no checkpoint at {ck_path} (give a run folder that holds checkpoint.pt, or the file)")
     ck = load_checkpoint(ck_path)
     args = argparse.Namespace(**ck["args"])
     backbone = build_backbone(args, student=False).to(device)

@@ -20,7 +20,7 @@ Papers: DINO (Caron et al. 2021, arXiv 2104.14294), iBOT (Zhou et al. 2021, arXi
 DINOv2 (Oquab et al. 2023, arXiv 2304.07193), Vision Transformers Need Registers (Darcet et al. 2023,
 arXiv 2309.16588), DINOv3 (Simeoni et al. 2025, arXiv 2508.10104).
 
-    python dinov3_mini.py                                   # CPU: nano ViT on `scenes`, < 10 min
+    python dinov3_mini.py                                   # CPU: nano ViT on `scenes`, about 10 min on 2 cores
     python dinov3_mini.py --dataset cifar10 --registers 4   # GPU: the classic run (bf16 autocast)
     python dinov3_mini.py --gram --gram-teacher-epoch 10 --gram-start 20 --epochs 60
 
@@ -51,7 +51,7 @@ from einops import rearrange
 # -----------------------------------------------------------------------------------------------
 
 # Model presets. tiny/small/base are the usual DeiT/DINO sizes with the reference heads; nano is sized
-# so that the default run finishes in under 10 minutes on a 2-core CPU (its heads shrink with it).
+# so that the default run takes about 10 minutes on a 2-core CPU (its heads shrink with it).
 MODELS = {
     "nano": dict(dim=64, depth=6, heads=2, head_hidden=256, prototypes=1024),
     "tiny": dict(dim=192, depth=12, heads=3, head_hidden=2048, prototypes=4096),

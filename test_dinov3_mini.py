@@ -28,7 +28,7 @@ def assert_close(a, b, atol=1e-5, rtol=1e-5):
 
 def args_for(*argv):
     p = m.get_args_parser()
-    return m.resolve_args(p.parse_args(list(argv)), p)
+    return m.parse_args(p, list(argv))
 
 
 # ---- losses ------------------------------------------------------------------------------------
@@ -114,6 +114,12 @@ def test_vit_outputs_and_registers_never_among_patches():
     o = deep(torch.randn(2, 3, 24, 16), return_norms=True, return_attn=True)  # any size divisible by the patch
     assert o["registers"].shape == (2, 0, 32) and o["patches"].shape == (2, 24, 32)
     assert o["norms"].shape == (3, 2, 25) and o["attn"][0].shape == (2, 2, 25, 25)
+    # the write ratio |x_L - x_0| / |x_0|: 0 without blocks, ~LayerScale-sized with them, larger without LayerScale
+    assert vit(x, return_norms=True)["write"].abs().max() == 0
+    torch.manual_seed(0)
+    w = {ls: m.ViT(image_size=32, patch_size=4, dim=32, depth=2, heads=2, num_registers=0, layerscale=ls)(
+        x, return_norms=True)["write"][:, 1:].median().item() for ls in (1e-5, 0.0)}
+    assert w[0.0] > 0.01 and w[1e-5] < 1e-3 * w[0.0]  # LayerScale 1e-5 scales the writes by ~1e-5
 
 
 def test_rope_depends_only_on_relative_offset():
@@ -437,6 +443,20 @@ def test_command_line_errors(argv, words, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "dinov3_mini.py"), "--out-dir", str(tmp_path)] + argv,
                        capture_output=True, text=True, cwd=str(tmp_path))
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
+
+
+def test_presets_fill_defaults_and_explicit_flags_win():
+    plain = args_for()
+    for name, flags in m.PRESETS.items():
+        a = args_for("--preset", name)
+        assert all(getattr(a, k) == (tuple(v) if isinstance(v, list) else v) for k, v in flags.items()), name
+        derived = {"preset", "warmup_epochs", "teacher_temp_warmup_epochs", "gram_teacher_epoch", "gram_start"}
+        assert all(getattr(a, k) == v for k, v in vars(plain).items() if k not in flags and k not in derived)
+    assert args_for("--preset", "artifacts").registers == 0
+    assert args_for("--preset", "artifacts", "--registers", "4").registers == 4  # the fix: same run, 4 registers
+    assert args_for("--registers", "2", "--preset", "artifacts").registers == 2  # order does not matter
+    a = args_for("--preset", "collapse")
+    assert a.epochs == 6 and a.gram_teacher_epoch == max(1, a.epochs // 4) == 1  # derived defaults follow the preset
 
 
 def test_existing_run_is_not_overwritten(tmp_path):

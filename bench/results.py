@@ -1,0 +1,266 @@
+"""Issue 5's experiments: the two failures (and their fixes) at small scale, run, measured and drawn.
+
+    python bench/results.py                 # every run below that is missing, then assets/results.json + PNGs
+    python bench/results.py --only storage  # just the register sweep (or: collapse)
+    python bench/results.py --seeds 1       # fewer seeds (the README's tables use 3)
+
+Runs go to --runs-dir (default runs/results/<name>); a folder that already holds a finished run with the
+same configuration is reused, so an interrupted sweep continues where it stopped. Every run is plain
+`python dinov3_mini.py <flags>` (the command is printed and stored in results.json), then measured with
+the instruments of dinov3_mini (analyze_run for the storage runs, log.jsonl for the collapse runs).
+
+storage: `--preset artifacts` with 0, 1, 2, 4 registers x seeds -> outlier fraction (mean, spread),
+         where the outliers sit, bimodality and max/median of the patch norms, the registers' norms;
+         assets/storage_norms.png (norm histograms and maps, 0 vs 4 registers).
+collapse: `--preset collapse` without Gram anchoring, with an early Gram teacher, with a late one, and with
+         iBOT off (the global objective alone) ->
+         k-NN and dense quality per epoch, peak and final; assets/collapse_curves.png and
+         assets/collapse_maps.png (PCA and similarity maps: early teacher, baseline end, Gram ends).
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+import dinov3_mini as dm  # noqa: E402
+
+REGISTERS = (0, 1, 2, 4)
+COLLAPSE = {  # name -> flags on top of --preset collapse (6 epochs)
+    "collapse_base": [],
+    "collapse_gram_early": ["--gram", "--gram-teacher-epoch", "2", "--gram-start", "3"],
+    "collapse_gram_late": ["--gram", "--gram-teacher-epoch", "4", "--gram-start", "4"],
+    "collapse_no_ibot": ["--ibot-weight", "0"],
+}
+IGNORED = {"out_dir", "no_progress", "overwrite", "resume", "device", "preset", "compile"}  # not part of a run's identity
+
+
+def run(name, flags, runs_dir):
+    """Train `python dinov3_mini.py <flags>` into runs_dir/name unless a finished run with the same
+    configuration is there; returns (folder, summary, command)."""
+    out = os.path.join(runs_dir, name)
+    argv = flags + ["--out-dir", out, "--no-progress"]
+    cmd = "python dinov3_mini.py " + " ".join(flags)
+    want = {k: v for k, v in vars(dm.parse_args(dm.get_args_parser(), argv)).items() if k not in IGNORED}
+    summary_path = os.path.join(out, "summary.json")
+    if os.path.exists(summary_path):
+        summary = json.load(open(summary_path))
+        have = {k: v for k, v in summary["config"].items() if k not in IGNORED}
+        norm = lambda d: json.loads(json.dumps(d))  # tuples -> lists, as stored  # noqa: E731
+        if norm(have) == norm(want):
+            print(f"reusing {out} ({cmd})")
+            return out, summary, cmd
+        diff = sorted(k for k in set(have) | set(want) if norm(have).get(k) != norm(want).get(k))
+        sys.exit(f"error: {out} holds a finished run with another configuration (differs in {', '.join(diff)}). "
+                 f"Move it away or give another --runs-dir; nothing was changed.")
+    print(f"== {name}: {cmd}", flush=True)
+    dm.main(argv + (["--overwrite"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else []))
+    return out, json.load(open(summary_path)), cmd
+
+
+def evals(out):
+    """The per-epoch evaluation records of a run's log.jsonl."""
+    return [r for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if r.get("type") == "eval"]
+
+
+def tokens(backbone, args, n=1000):
+    """Instrument tokens of a teacher on the first n test images of its dataset: (tok, details, metrics, images, masks)."""
+    _, _, _, x_test, y_test, masks = dm.load_data(args)
+    tok = dm.collect_tokens(backbone, x_test[:n], args.image_size, "cpu")
+    m, details = dm.analyze(tok, y_test[:n], masks[:n])
+    return tok, details, m, x_test[:n], masks[:n]
+
+
+def mean_sd(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
+    return {"mean": statistics.fmean(xs), "sd": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+            "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def storage(runs_dir, registers, seeds, assets, table):
+    by_r = {}
+    for r in registers:
+        rows = []
+        for s in range(seeds):
+            flags = ["--preset", "artifacts", "--registers", str(r), "--seed", str(s)]
+            out, summary, cmd = run(f"artifacts_r{r}_s{s}", flags, runs_dir)
+            mpath = os.path.join(out, "analysis", "metrics.json")
+            m = json.load(open(mpath)) if os.path.exists(mpath) else {}
+            if "patch_write_median" not in m:  # not measured yet, or by an older version of the instruments
+                m = dm.analyze_run(out, "cpu")
+            rows.append({"seed": s, "command": cmd, "wall_s": summary["wall_s"], "knn_acc": summary["knn_acc"],
+                         **{k: m.get(k) for k in ("outlier_fraction", "outlier_background_share", "background_share",
+                                                  "outlier_cls_attention_share", "outlier_knn_acc",
+                                                  "normal_patch_knn_acc", "patch_norm_bimodality",
+                                                  "patch_norm_max_ratio", "patch_norm_median",
+                                                  "patch_write_median", "patch_write_max",
+                                                  "register_norm_mean", "register_cls_attention_share",
+                                                  "cls_norm_mean")}})
+            by_r.setdefault(r, out)
+        table[str(r)] = {"runs": rows, **{k: mean_sd([x[k] for x in rows]) for k in (
+            "outlier_fraction", "outlier_background_share", "patch_norm_bimodality", "patch_norm_max_ratio",
+            "patch_write_median", "patch_write_max",
+            "register_norm_mean", "register_cls_attention_share", "knn_acc", "wall_s")}}
+        print(f"registers {r}: outlier fraction {table[str(r)]['outlier_fraction']}")
+    if 0 in by_r and 4 in by_r:
+        draw_storage({r: by_r[r] for r in (0, 4)}, os.path.join(assets, "storage_norms.png"))
+    return dict(sorted(table.items(), key=lambda kv: int(kv[0])))
+
+
+def draw_storage(folders, path, n_maps=4):
+    """Rows: 0 and 4 registers (seed 0). Columns: norm histogram (log), then norm maps of the images whose
+    largest patch norm is highest."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(3.2 * (n_maps + 2), 3.4 * len(folders)))
+    ax = fig.subplots(len(folders), n_maps + 2, squeeze=False)
+    for row, (r, out) in enumerate(folders.items()):
+        backbone, args, _ = dm.load_teacher(out)
+        tok, d, m, images, _ = tokens(backbone, args)
+        pn, g = d["patch_norms"], tok["grid"][0]
+        a = ax[row, 0]
+        a.hist(pn.flatten().numpy(), bins=80, log=True, alpha=0.7, label="patch tokens")
+        if d["register_norms"].numel():
+            a.hist(d["register_norms"].flatten().numpy(), bins=80, log=True, alpha=0.7, label="registers")
+        a.hist(d["cls_norms"].numpy(), bins=80, log=True, alpha=0.7, label="CLS")
+        a.axvline(2 * m["patch_norm_median"], color="k", ls="--", lw=1, label="outlier floor (2 x median)")
+        a.set_xlabel("output token norm (last block, before the final norm)")
+        a.set_ylabel("tokens (log)")
+        a.set_title(f"{r} registers: outliers {m['outlier_fraction']:.2%}\nbimodality "
+                    f"{m['patch_norm_bimodality']:.2f}, max/median {m['patch_norm_max_ratio']:.1f}", fontsize=9)
+        a.legend(fontsize=7)
+        order = pn.max(1).values.argsort(descending=True)[:n_maps]
+        vmax = pn.max().item()
+        for j, i in enumerate(order.tolist()):
+            ax[row, 1 + j].imshow(images[i].permute(1, 2, 0).numpy())
+            ax[row, 1 + j].set_title(f"{r} reg: test image {i}", fontsize=8)
+            ax[row, 1 + j].set_xticks([]), ax[row, 1 + j].set_yticks([])
+        im = ax[row, -1].imshow(pn[order].reshape(-1, g, g).transpose(0, 1).reshape(g, -1).numpy(), cmap="viridis",
+                                vmin=0, vmax=vmax, interpolation="nearest")
+        ax[row, -1].set_title("their patch norms, side by side\n(same colour scale per row)", fontsize=8)
+        ax[row, -1].set_xticks([]), ax[row, -1].set_yticks([])
+        fig.colorbar(im, ax=ax[row, -1], fraction=0.046, pad=0.02)
+    fig.suptitle("Storage: output norms of a nano ViT trained with --preset artifacts, 0 vs 4 registers (EMA teacher, "
+                 "1000 test images)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    print(f"wrote {path}")
+
+
+KEYS = ("knn_acc", "dense_miou", "dense_fg_miou", "similarity_locality", "patch_effective_rank")
+
+
+def collapse(runs_dir, assets):
+    res, folders = {}, {}
+    for name, extra in COLLAPSE.items():
+        out, summary, cmd = run(name, ["--preset", "collapse"] + extra, runs_dir)
+        ev = evals(out)
+        r = {"command": cmd, "wall_s": summary["wall_s"], "epochs": [e["epoch"] for e in ev],
+             **{k: [e.get(k) for e in ev] for k in KEYS}}
+        for k in ("dense_miou", "dense_fg_miou", "similarity_locality", "knn_acc"):
+            v = r[k]
+            best = max(range(len(v)), key=lambda i: v[i])
+            r[f"{k}_peak"], r[f"{k}_peak_epoch"], r[f"{k}_final"] = v[best], r["epochs"][best], v[-1]
+        res[name], folders[name] = r, out
+    draw_curves(res, os.path.join(assets, "collapse_curves.png"))
+    draw_maps(folders, os.path.join(assets, "collapse_maps.png"))
+    return res
+
+
+def draw_curves(res, path):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(16, 3.8))
+    ax = fig.subplots(1, 4)
+    for a, (k, lab) in zip(ax, (("knn_acc", "k-NN accuracy (CLS)"), ("dense_fg_miou", "object/background probe mIoU"),
+                                ("dense_miou", "11-class dense probe mIoU"), ("similarity_locality", "similarity locality"))):
+        for name, r in res.items():
+            a.plot(r["epochs"], r[k], "o-", ms=3, label=name.replace("collapse_", ""))
+        lo, hi = a.get_ylim()
+        mid = (lo + hi) / 2
+        a.set_ylim(min(lo, mid - 0.05), max(hi, mid + 0.05))  # at least 0.1 tall: no wiggle drawn as a trend
+        a.set_title(lab)
+        a.set_xlabel("epoch")
+        a.legend(fontsize=8)
+    fig.suptitle("Signal: --preset collapse (nano ViT, 5k scenes, 6 epochs): baseline, Gram anchoring with the "
+                 "epoch-2 or epoch-4 teacher, and iBOT off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    print(f"wrote {path}")
+
+
+def draw_maps(folders, path, n=4):
+    """PCA (RGB) and similarity maps of n test images from: the early EMA teacher (the Gram-early run's Gram
+    teacher), and the final teachers of each run."""
+    from matplotlib.figure import Figure
+    models = []
+    early = dm.load_checkpoint(os.path.join(folders["collapse_gram_early"], "checkpoint.pt"))
+    args = argparse.Namespace(**early["args"])
+    b = dm.build_backbone(args, student=False)
+    b.load_state_dict(early["gram_teacher"])
+    models.append((f"EMA teacher, epoch {args.gram_teacher_epoch}", b.eval(), args))
+    for name, out in folders.items():
+        backbone, a, _ = dm.load_teacher(out)
+        models.append((f"{name.replace('collapse_', '')}, epoch {a.epochs}", backbone, a))
+    fig = Figure(figsize=(2.2 * n, 2.3 * (2 * len(models) + 1)))
+    ax = fig.subplots(2 * len(models) + 1, n, squeeze=False)
+    for row, (title, backbone, a) in enumerate(models):
+        tok, _, m, images, masks = tokens(backbone, a, n=256)
+        g = tok["grid"][0]
+        lab = dm.patch_labels(masks[:n], g)
+        q = torch.stack([(l > 0).nonzero()[:, 0].float().mean().round().long() if (l > 0).any()
+                         else torch.tensor(len(l) // 2) for l in lab])  # a patch near the middle of the objects
+        f = F.normalize(tok["patches"][:n], dim=-1)
+        sim = (f * f[torch.arange(n), q][:, None]).sum(-1).reshape(n, g, g)
+        pca = dm._pca_rgb(tok["patches"][:n], fit=tok["patches"]).reshape(n, g, g, 3)
+        for j in range(n):
+            if row == 0:
+                ax[0, j].imshow(images[j].permute(1, 2, 0).numpy())
+            ax[1 + 2 * row, j].imshow(pca[j].numpy())
+            ax[2 + 2 * row, j].imshow(sim[j].numpy(), cmap="coolwarm", vmin=-1, vmax=1)
+            ax[2 + 2 * row, j].plot(q[j] % g, q[j] // g, "kx")
+        ax[1 + 2 * row, 0].set_ylabel(f"{title}\nPCA", fontsize=7)
+        ax[2 + 2 * row, 0].set_ylabel(f"similarity\nlocality {m['similarity_locality']:.3f}", fontsize=7)
+    for a in ax.flat:
+        a.set_xticks([]), a.set_yticks([])
+    fig.suptitle("PCA of patch features and cosine similarity to a query patch (x)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    print(f"wrote {path}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "results"))
+    p.add_argument("--assets", default=os.path.join(ROOT, "assets"))
+    p.add_argument("--only", choices=("storage", "collapse"), default=None)
+    p.add_argument("--seeds", type=int, default=3, help="Seeds per register count (the issue asks for >= 3).")
+    p.add_argument("--registers", type=int, nargs="+", default=list(REGISTERS), help="Register counts to run "
+                   "now; the others keep their entries of an existing results.json.")
+    a = p.parse_args()
+    os.makedirs(a.assets, exist_ok=True)
+    path = os.path.join(a.assets, "results.json")
+    results = json.load(open(path)) if os.path.exists(path) else {}
+    t0 = time.time()
+    if a.only in (None, "storage"):
+        old = results.get("storage", {}).get("registers", {})
+        results["storage"] = {"preset": dm.PRESETS["artifacts"],
+                              "registers": storage(a.runs_dir, a.registers, a.seeds, a.assets, old)}
+    if a.only in (None, "collapse"):
+        results["collapse"] = {"preset": dm.PRESETS["collapse"], "runs": collapse(a.runs_dir, a.assets)}
+    results["hardware"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    results["outlier_rule"] = f"norm > median + {dm.OUTLIER_K:g} x 1.4826 x MAD and > 2 x median (patch output norms)"
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {path} ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -455,8 +455,8 @@ def test_presets_fill_defaults_and_explicit_flags_win():
     assert args_for("--preset", "artifacts").registers == 0
     assert args_for("--preset", "artifacts", "--registers", "4").registers == 4  # the fix: same run, 4 registers
     assert args_for("--registers", "2", "--preset", "artifacts").registers == 2  # order does not matter
-    a = args_for("--preset", "collapse")
-    assert a.epochs == 6 and a.gram_teacher_epoch == max(1, a.epochs // 4) == 1  # derived defaults follow the preset
+    a = args_for("--preset", "collapse", "--epochs", "8", "--gram")
+    assert a.registers == 4 and a.layerscale == 0 and a.gram_teacher_epoch == 2  # derived defaults follow the flags
 
 
 def test_existing_run_is_not_overwritten(tmp_path):

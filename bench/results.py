@@ -12,8 +12,7 @@ the instruments of dinov3_mini (analyze_run for the storage runs, log.jsonl for 
 storage: `--preset artifacts` with 0, 1, 2, 4 registers x seeds -> outlier fraction (mean, spread),
          where the outliers sit, bimodality and max/median of the patch norms, the registers' norms;
          assets/storage_norms.png (norm histograms and maps, 0 vs 4 registers).
-collapse: `--preset collapse` without Gram anchoring, with an early Gram teacher, with a late one, and with
-         iBOT off (the global objective alone) ->
+collapse: `--preset collapse` without Gram anchoring, with an early Gram teacher and with a late one ->
          k-NN and dense quality per epoch, peak and final; assets/collapse_curves.png and
          assets/collapse_maps.png (PCA and similarity maps: early teacher, baseline end, Gram ends).
 """
@@ -33,12 +32,14 @@ sys.path.insert(0, ROOT)
 import dinov3_mini as dm  # noqa: E402
 
 REGISTERS = (0, 1, 2, 4)
-COLLAPSE = {  # name -> flags on top of --preset collapse (6 epochs)
+COLLAPSE = {  # name -> flags on top of --preset collapse (3 epochs); *_s1: the same runs with another seed
     "collapse_base": [],
-    "collapse_gram_early": ["--gram", "--gram-teacher-epoch", "2", "--gram-start", "3"],
-    "collapse_gram_late": ["--gram", "--gram-teacher-epoch", "4", "--gram-start", "4"],
-    "collapse_no_ibot": ["--ibot-weight", "0"],
+    "collapse_gram_early": ["--gram", "--gram-teacher-epoch", "1", "--gram-start", "1"],
+    "collapse_gram_late": ["--gram", "--gram-teacher-epoch", "2", "--gram-start", "2"],
+    "collapse_base_s1": ["--seed", "1"],
+    "collapse_gram_early_s1": ["--gram", "--gram-teacher-epoch", "1", "--gram-start", "1", "--seed", "1"],
 }
+NO_TRAIN = False  # --no-train: measure only the runs that exist
 IGNORED = {"out_dir", "no_progress", "overwrite", "resume", "device", "preset", "compile"}  # not part of a run's identity
 
 
@@ -60,6 +61,9 @@ def run(name, flags, runs_dir):
         diff = sorted(k for k in set(have) | set(want) if norm(have).get(k) != norm(want).get(k))
         sys.exit(f"error: {out} holds a finished run with another configuration (differs in {', '.join(diff)}). "
                  f"Move it away or give another --runs-dir; nothing was changed.")
+    if NO_TRAIN:
+        print(f"skipping {name} (not run yet, --no-train): {cmd}")
+        return None, None, cmd
     print(f"== {name}: {cmd}", flush=True)
     dm.main(argv + (["--overwrite"] if os.path.exists(os.path.join(out, "checkpoint.pt")) else []))
     return out, json.load(open(summary_path)), cmd
@@ -93,6 +97,8 @@ def storage(runs_dir, registers, seeds, assets, table):
         for s in range(seeds):
             flags = ["--preset", "artifacts", "--registers", str(r), "--seed", str(s)]
             out, summary, cmd = run(f"artifacts_r{r}_s{s}", flags, runs_dir)
+            if out is None:
+                continue
             mpath = os.path.join(out, "analysis", "metrics.json")
             m = json.load(open(mpath)) if os.path.exists(mpath) else {}
             if "patch_write_median" not in m:  # not measured yet, or by an older version of the instruments
@@ -106,6 +112,8 @@ def storage(runs_dir, registers, seeds, assets, table):
                                                   "register_norm_mean", "register_cls_attention_share",
                                                   "cls_norm_mean")}})
             by_r.setdefault(r, out)
+        if not rows:
+            continue
         table[str(r)] = {"runs": rows, **{k: mean_sd([x[k] for x in rows]) for k in (
             "outlier_fraction", "outlier_background_share", "patch_norm_bimodality", "patch_norm_max_ratio",
             "patch_write_median", "patch_write_max",
@@ -158,11 +166,26 @@ def draw_storage(folders, path, n_maps=4):
 KEYS = ("knn_acc", "dense_miou", "dense_fg_miou", "similarity_locality", "patch_effective_rank")
 
 
+def init_point(out):
+    """Epoch 0: the instruments of the run's ViT at initialisation (train() seeds, then builds the student's
+    backbone first, so this is the very same network), and the run's random-init k-NN."""
+    _, args, _ = dm.load_teacher(out)
+    torch.manual_seed(args.seed)
+    backbone = dm.build_backbone(args)
+    _, _, _, x_test, y_test, masks = dm.load_data(args)
+    inst = dm.eval_instruments(backbone, x_test, y_test, masks, args, "cpu")
+    knn0 = json.load(open(os.path.join(out, "summary.json")))["knn_acc_random_init"]
+    return {"type": "eval", "epoch": 0, "knn_acc": knn0, **inst}
+
+
 def collapse(runs_dir, assets):
-    res, folders = {}, {}
+    res, folders, zero = {}, {}, None
     for name, extra in COLLAPSE.items():
         out, summary, cmd = run(name, ["--preset", "collapse"] + extra, runs_dir)
-        ev = evals(out)
+        if out is None:
+            continue
+        zero = zero or init_point(out)  # the runs share seed and shape: one epoch 0 for all
+        ev = [zero] + evals(out)
         r = {"command": cmd, "wall_s": summary["wall_s"], "epochs": [e["epoch"] for e in ev],
              **{k: [e.get(k) for e in ev] for k in KEYS}}
         for k in ("dense_miou", "dense_fg_miou", "similarity_locality", "knn_acc"):
@@ -171,7 +194,7 @@ def collapse(runs_dir, assets):
             r[f"{k}_peak"], r[f"{k}_peak_epoch"], r[f"{k}_final"] = v[best], r["epochs"][best], v[-1]
         res[name], folders[name] = r, out
     draw_curves(res, os.path.join(assets, "collapse_curves.png"))
-    draw_maps(folders, os.path.join(assets, "collapse_maps.png"))
+    draw_maps({k: v for k, v in folders.items() if not k.endswith("_s1")}, os.path.join(assets, "collapse_maps.png"))
     return res
 
 
@@ -182,15 +205,18 @@ def draw_curves(res, path):
     for a, (k, lab) in zip(ax, (("knn_acc", "k-NN accuracy (CLS)"), ("dense_fg_miou", "object/background probe mIoU"),
                                 ("dense_miou", "11-class dense probe mIoU"), ("similarity_locality", "similarity locality"))):
         for name, r in res.items():
-            a.plot(r["epochs"], r[k], "o-", ms=3, label=name.replace("collapse_", ""))
+            seed1 = name.endswith("_s1")
+            color = f"C{list(COLLAPSE).index(name[:-3] if seed1 else name)}"  # a seed-1 run: its seed-0 twin's colour
+            a.plot(r["epochs"], r[k], "o--" if seed1 else "o-", ms=3, color=color,
+                   label=name.replace("collapse_", "").replace("_s1", ", seed 1"))
         lo, hi = a.get_ylim()
         mid = (lo + hi) / 2
         a.set_ylim(min(lo, mid - 0.05), max(hi, mid + 0.05))  # at least 0.1 tall: no wiggle drawn as a trend
         a.set_title(lab)
         a.set_xlabel("epoch")
         a.legend(fontsize=8)
-    fig.suptitle("Signal: --preset collapse (nano ViT, 5k scenes, 6 epochs): baseline, Gram anchoring with the "
-                 "epoch-2 or epoch-4 teacher, and iBOT off")
+    fig.suptitle("Signal: --preset collapse (nano ViT, 4 registers, LayerScale off, lr 1e-2; 10k scenes, 3 epochs): "
+                 "baseline, and Gram anchoring with the epoch-1 or epoch-2 teacher")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")
@@ -209,9 +235,9 @@ def draw_maps(folders, path, n=4):
     for name, out in folders.items():
         backbone, a, _ = dm.load_teacher(out)
         models.append((f"{name.replace('collapse_', '')}, epoch {a.epochs}", backbone, a))
-    fig = Figure(figsize=(2.2 * n, 2.3 * (2 * len(models) + 1)))
-    ax = fig.subplots(2 * len(models) + 1, n, squeeze=False)
-    for row, (title, backbone, a) in enumerate(models):
+    fig = Figure(figsize=(1.7 * (2 * len(models) + 1), 1.9 * n))
+    ax = fig.subplots(n, 2 * len(models) + 1, squeeze=False)  # rows: images; columns: image, then PCA + similarity per model
+    for col, (title, backbone, a) in enumerate(models):
         tok, _, m, images, masks = tokens(backbone, a, n=256)
         g = tok["grid"][0]
         lab = dm.patch_labels(masks[:n], g)
@@ -220,17 +246,18 @@ def draw_maps(folders, path, n=4):
         f = F.normalize(tok["patches"][:n], dim=-1)
         sim = (f * f[torch.arange(n), q][:, None]).sum(-1).reshape(n, g, g)
         pca = dm._pca_rgb(tok["patches"][:n], fit=tok["patches"]).reshape(n, g, g, 3)
-        for j in range(n):
-            if row == 0:
-                ax[0, j].imshow(images[j].permute(1, 2, 0).numpy())
-            ax[1 + 2 * row, j].imshow(pca[j].numpy())
-            ax[2 + 2 * row, j].imshow(sim[j].numpy(), cmap="coolwarm", vmin=-1, vmax=1)
-            ax[2 + 2 * row, j].plot(q[j] % g, q[j] // g, "kx")
-        ax[1 + 2 * row, 0].set_ylabel(f"{title}\nPCA", fontsize=7)
-        ax[2 + 2 * row, 0].set_ylabel(f"similarity\nlocality {m['similarity_locality']:.3f}", fontsize=7)
+        for i in range(n):
+            if col == 0:
+                ax[i, 0].imshow(images[i].permute(1, 2, 0).numpy())
+            ax[i, 1 + 2 * col].imshow(pca[i].numpy())
+            ax[i, 2 + 2 * col].imshow(sim[i].numpy(), cmap="coolwarm", vmin=-1, vmax=1)
+            ax[i, 2 + 2 * col].plot(q[i] % g, q[i] // g, "kx")
+        ax[0, 1 + 2 * col].set_title(f"{title}\nPCA", fontsize=8)
+        ax[0, 2 + 2 * col].set_title(f"similarity (locality\n{m['similarity_locality']:.3f} on 256 images)", fontsize=8)
+    ax[0, 0].set_title("test image", fontsize=8)
     for a in ax.flat:
         a.set_xticks([]), a.set_yticks([])
-    fig.suptitle("PCA of patch features and cosine similarity to a query patch (x)", fontsize=9)
+    fig.suptitle("PCA of patch features (RGB) and cosine similarity to a query patch (x; colour scale -1 to 1)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")
@@ -244,7 +271,10 @@ def main():
     p.add_argument("--seeds", type=int, default=3, help="Seeds per register count (the issue asks for >= 3).")
     p.add_argument("--registers", type=int, nargs="+", default=list(REGISTERS), help="Register counts to run "
                    "now; the others keep their entries of an existing results.json.")
+    p.add_argument("--no-train", action="store_true", help="Measure only the runs that exist; train nothing.")
     a = p.parse_args()
+    global NO_TRAIN
+    NO_TRAIN = a.no_train
     os.makedirs(a.assets, exist_ok=True)
     path = os.path.join(a.assets, "results.json")
     results = json.load(open(path)) if os.path.exists(path) else {}

@@ -67,10 +67,10 @@ PRESETS = {
     # nano defaults (LayerScale 0.1) the blocks write about 2% of it in this budget, so here LayerScale is
     # off, the lr 2.5x and layer decay off: the setting with the largest writes we measured (README "Results").
     "artifacts": dict(registers=0, eval_every=1, layerscale=0.0, lr=1e-2, layer_decay=1.0),
-    # signal: the same free-writing setting with the default 4 registers (so storage is not the question): the
-    # blocks write global information into the patches and their similarity maps lose locality while k-NN
-    # rises. Add `--gram --gram-teacher-epoch 1 --gram-start 1` for the fix (Gram teacher = the epoch-1 EMA
-    # teacher), `--ibot-weight 0` for the global objective alone.
+    # signal: the same free-writing setting with the default 4 registers (so storage is not the question),
+    # where the patches' similarity maps lose a little locality over training (measured in README "Results").
+    # Add `--gram --gram-teacher-epoch 1 --gram-start 1` for the fix (Gram teacher = the epoch-1 EMA teacher),
+    # `--ibot-weight 0` for the global objective alone.
     "collapse": dict(layerscale=0.0, lr=1e-2, layer_decay=1.0, eval_every=1),
 }
 DATASETS = ("scenes", "cifar10", "cifar100", "stl10", "imagenette", "folder")
@@ -81,9 +81,9 @@ def get_args_parser():
         "dinov3_mini", description="DINOv3 in one file: registers, RoPE, DINO + iBOT + KoLeo + Gram anchoring.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--preset", default=None, choices=list(PRESETS), help="A named flag set for the two failure modes "
-      "(artifacts: storage, 0 registers; collapse: signal, long global-only training). Flags given explicitly "
-      "override it. See README \"Results\".")
+    a("--preset", default=None, choices=list(PRESETS), help="A named flag set for the two failure modes. "
+      "artifacts: 0 registers, LayerScale off, lr 1e-2, no layer decay, instruments every epoch; collapse: the "
+      "same with 4 registers (add --gram ...). Flags given explicitly override it. See README \"Results\".")
     # data
     a("--dataset", default="scenes", choices=DATASETS, help="`scenes` is built in and needs no download; "
       "the others download into --data-dir on first use (`folder`: any folder of class subfolders).")
@@ -1982,8 +1982,9 @@ def analyze_run(path, device_name="auto", n_images=1000):
         json.dump(metrics, f, indent=2)
     for k in ("outlier_fraction", "outlier_background_share", "outlier_cls_attention_share", "outlier_knn_acc",
               "normal_patch_knn_acc", "register_norm_mean", "register_cls_attention_share", "patch_norm_median",
-              "patch_norm_max_ratio", "patch_write_median", "patch_write_max", "patch_norm_bimodality", "dense_miou", "dense_fg_miou", "patch_effective_rank", "patch_cls_cosine",
-              "similarity_locality", "similarity_locality_chance"):
+              "patch_norm_max_ratio", "patch_write_median", "patch_write_max", "patch_norm_bimodality", "dense_miou",
+              "dense_fg_miou", "patch_effective_rank", "patch_cls_cosine", "similarity_locality",
+              "similarity_locality_chance"):
         v = metrics.get(k)
         print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
     if metrics["skipped"]:

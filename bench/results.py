@@ -265,9 +265,10 @@ def draw_maps(folders, path, n=4):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "results"))
-    p.add_argument("--assets", default=os.path.join(ROOT, "assets"))
-    p.add_argument("--only", choices=("storage", "collapse"), default=None)
+    p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "results"), help="Where the runs go (one "
+                   "folder each); finished runs with the same configuration are reused.")
+    p.add_argument("--assets", default=os.path.join(ROOT, "assets"), help="Where results.json and the PNGs go.")
+    p.add_argument("--only", choices=("storage", "collapse"), default=None, help="One of the two experiments.")
     p.add_argument("--seeds", type=int, default=3, help="Seeds per register count (the issue asks for >= 3).")
     p.add_argument("--registers", type=int, nargs="+", default=list(REGISTERS), help="Register counts to run "
                    "now; the others keep their entries of an existing results.json.")

@@ -459,6 +459,21 @@ def test_presets_fill_defaults_and_explicit_flags_win():
     assert a.registers == 4 and a.layerscale == 0 and a.gram_teacher_epoch == 2  # derived defaults follow the flags
 
 
+def test_results_script_reuses_same_config_and_refuses_another(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import results  # bench/results.py: issue 5's experiments
+    flags = [f for f in TINY if f not in ("--no-progress",)] + ["--epochs", "1", "--analyze-images", "32"]
+    out, summary, cmd = results.run("r", flags, str(tmp_path))
+    assert cmd.startswith("python dinov3_mini.py --dim 32") and os.path.exists(os.path.join(out, "checkpoint.pt"))
+    stamp = os.path.getmtime(os.path.join(out, "checkpoint.pt"))
+    again = results.run("r", flags, str(tmp_path))  # a finished run with the same configuration: reused, not retrained
+    assert again[1] == summary and os.path.getmtime(os.path.join(out, "checkpoint.pt")) == stamp
+    with pytest.raises(SystemExit) as e:  # the same folder asked for another configuration: refused, nothing changed
+        results.run("r", flags + ["--registers", "2"], str(tmp_path))
+    assert "registers" in str(e.value) and os.path.getmtime(os.path.join(out, "checkpoint.pt")) == stamp
+    assert results.mean_sd([0.1, 0.3, None])["mean"] == pytest.approx(0.2) and results.mean_sd([None]) is None
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -179,13 +179,15 @@ def init_point(out):
 
 
 def collapse(runs_dir, assets):
-    res, folders, zero = {}, {}, None
+    res, folders, zeros = {}, {}, {}
     for name, extra in COLLAPSE.items():
         out, summary, cmd = run(name, ["--preset", "collapse"] + extra, runs_dir)
         if out is None:
             continue
-        zero = zero or init_point(out)  # the runs share seed and shape: one epoch 0 for all
-        ev = [zero] + evals(out)
+        seed = name.endswith("_s1")  # runs of one seed share data, shape and init: one epoch 0 per seed
+        if seed not in zeros:
+            zeros[seed] = init_point(out)
+        ev = [zeros[seed]] + evals(out)
         r = {"command": cmd, "wall_s": summary["wall_s"], "epochs": [e["epoch"] for e in ev],
              **{k: [e.get(k) for e in ev] for k in KEYS}}
         for k in ("dense_miou", "dense_fg_miou", "similarity_locality", "knn_acc"):
@@ -216,7 +218,7 @@ def draw_curves(res, path):
         a.set_xlabel("epoch")
         a.legend(fontsize=8)
     fig.suptitle("Signal: --preset collapse (nano ViT, 4 registers, LayerScale off, lr 1e-2; 10k scenes, 3 epochs): "
-                 "baseline, and Gram anchoring with the epoch-1 or epoch-2 teacher")
+                 "baseline and Gram anchoring (Gram teacher: EMA teacher of epoch 1, or 2 for gram_late); dashed: seed 1")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")

@@ -2,7 +2,7 @@
 
     python bench/results.py                 # every run below that is missing, then assets/results.json + PNGs
     python bench/results.py --only storage  # just the register sweep (or: collapse)
-    python bench/results.py --seeds 1       # fewer seeds (the README's tables use 3)
+    python bench/results.py --seeds 1       # fewer seeds (the issue asks for 3; README "Results" has 2 so far)
 
 Runs go to --runs-dir (default runs/results/<name>); a folder that already holds a finished run with the
 same configuration is reused, so an interrupted sweep continues where it stopped. Every run is plain
@@ -12,7 +12,8 @@ the instruments of dinov3_mini (analyze_run for the storage runs, log.jsonl for 
 storage: `--preset artifacts` with 0, 1, 2, 4 registers x seeds -> outlier fraction (mean, spread),
          where the outliers sit, bimodality and max/median of the patch norms, the registers' norms;
          assets/storage_norms.png (norm histograms and maps, 0 vs 4 registers).
-collapse: `--preset collapse` without Gram anchoring, with an early Gram teacher and with a late one ->
+collapse: `--preset collapse` without Gram anchoring, with an early Gram teacher and with a late one (seeds 0; the
+         first two also seed 1) ->
          k-NN and dense quality per epoch, peak and final; assets/collapse_curves.png and
          assets/collapse_maps.png (PCA and similarity maps: early teacher, baseline end, Gram ends).
 """

@@ -2,7 +2,7 @@
 
     python bench/results.py                 # every run below that is missing, then assets/results.json + PNGs
     python bench/results.py --only storage  # just the register sweep (or: collapse)
-    python bench/results.py --seeds 1       # fewer seeds (the issue asks for 3; README "Results" has 2 so far)
+    python bench/results.py --seeds 1       # fewer seeds (the issue asks for 3, as README "Results" has)
 
 Runs go to --runs-dir (default runs/results/<name>); a folder that already holds a finished run with the
 same configuration is reused, so an interrupted sweep continues where it stopped. Every run is plain

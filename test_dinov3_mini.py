@@ -152,6 +152,39 @@ def test_sdpa_equals_explicit_attention():
     assert_close(slow["attn"][0].sum(-1), torch.ones(3, 4, 19))  # 1 CLS + 2 registers + 16 patches
 
 
+def test_attention_matches_textbook_multihead_attention_with_rope():
+    # qkv channels are [q | k | v], each head-major (as in DINOv2/v3 checkpoints); RoPE rotates q and k
+    torch.manual_seed(0)
+    att, x = m.Attention(32, 4), torch.randn(2, 5, 32)
+    sin, cos = torch.randn(5, 8), torch.randn(5, 8)  # any per-token tables (T, D_h)
+    w = att.qkv(x)
+    q, k, v = (w[..., i * 32:(i + 1) * 32].reshape(2, 5, 4, 8).transpose(1, 2) for i in range(3))  # (B, H, T, D_h)
+    rot = lambda t: t * cos + torch.cat([-t[..., 4:], t[..., :4]], -1) * sin  # noqa: E731
+    ref = ((rot(q) @ rot(k).transpose(-1, -2)) / 8 ** 0.5).softmax(-1) @ v
+    ref = att.proj(ref.transpose(1, 2).reshape(2, 5, 32))
+    assert_close(att(x, (sin, cos))[0], ref, atol=1e-5)
+    assert_close(att(x, (sin, cos), return_attn=True)[0], ref, atol=1e-5)
+
+
+def test_block_residual_is_layerscale_then_drop_path_then_add():
+    torch.manual_seed(0)
+    x, branch = torch.randn(64, 3, 8), torch.randn(64, 3, 8)
+    for ls, p in ((0.1, 0.5), (0.0, 0.5), (0.1, 0.0), (0.0, 0.0)):
+        blk = m.Block(8, 2, layerscale=ls, drop_path=p).train()
+        lsm = blk.ls1
+        torch.manual_seed(1)
+        want = x + m.drop_path(lsm(branch), p, True)
+        torch.manual_seed(1)
+        assert_close(blk.residual(x, branch, lsm), want)
+    # drop path drops whole samples: each sample got either nothing or 2 x gamma x branch
+    blk = m.Block(8, 2, layerscale=0.1, drop_path=0.5).train()
+    d = (blk.residual(x, branch, blk.ls1) - x) / (0.1 * branch)
+    kept = d.flatten(1).mean(1)
+    assert set(kept.round(decimals=4).tolist()) == {0.0, 2.0} and 16 < (kept > 1).sum() < 48
+    blk.eval()
+    assert_close(blk.residual(x, branch, blk.ls1), x + 0.1 * branch)  # eval: no drop path
+
+
 def test_mask_token_replaces_masked_patches():
     vit = m.ViT(image_size=16, patch_size=4, dim=32, depth=1, heads=2, num_registers=1).eval()
     masks = torch.zeros(2, 16, dtype=torch.bool)

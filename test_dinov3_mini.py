@@ -724,6 +724,25 @@ def test_benchmark_prints_table_and_json(capsys):
     assert last["flops_per_img"] > 0 and 0 < last["mfu"] < 1.5 and last["losses"] == "dino+ibot+koleo+gram"
 
 
+def test_profile_step_charges_forward_and_backward_to_modules(capsys, monkeypatch):
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import profile_step  # bench/profile_step.py
+    monkeypatch.setattr(sys, "argv", ["profile_step.py", "--dim", "32", "--depth", "2", "--heads", "2",
+                                      "--head-hidden", "64", "--prototypes", "64", "--batch-size", "8",
+                                      "--local-crops", "2", "--gram", "--steps", "1"])
+    profile_step.main()
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    parts = res["parts"]
+    for p in ("student/attention forward", "student/attention backward", "student/mlp backward",
+              "student/dino head backward", "student/ibot head backward", "teacher/attention forward",
+              "gram teacher/mlp forward", "data -", "optimiser -", "ema -", "losses forward"):
+        assert p in parts, p
+    assert parts["student/mlp backward"]["matmul"] > 0 and parts["student/attention forward"]["attention kernel"] > 0
+    assert sum(p["share"] for p in parts.values()) == pytest.approx(1.0, abs=1e-3)
+    assert parts.get("unattributed -", {"share": 0})["share"] < 0.05  # (almost) every op is charged to a part
+    assert not any(k.startswith("teacher/") and k.endswith("backward") for k in parts)  # no grad in the teacher
+
+
 # ---- the tutorial notebook -----------------------------------------------------------------------
 
 def _notebook():

@@ -152,6 +152,39 @@ def test_sdpa_equals_explicit_attention():
     assert_close(slow["attn"][0].sum(-1), torch.ones(3, 4, 19))  # 1 CLS + 2 registers + 16 patches
 
 
+def test_attention_matches_textbook_multihead_attention_with_rope():
+    # qkv channels are [q | k | v], each head-major (as in DINOv2/v3 checkpoints); RoPE rotates q and k
+    torch.manual_seed(0)
+    att, x = m.Attention(32, 4), torch.randn(2, 5, 32)
+    sin, cos = torch.randn(5, 8), torch.randn(5, 8)  # any per-token tables (T, D_h)
+    w = att.qkv(x)
+    q, k, v = (w[..., i * 32:(i + 1) * 32].reshape(2, 5, 4, 8).transpose(1, 2) for i in range(3))  # (B, H, T, D_h)
+    rot = lambda t: t * cos + torch.cat([-t[..., 4:], t[..., :4]], -1) * sin  # noqa: E731
+    ref = ((rot(q) @ rot(k).transpose(-1, -2)) / 8 ** 0.5).softmax(-1) @ v
+    ref = att.proj(ref.transpose(1, 2).reshape(2, 5, 32))
+    assert_close(att(x, (sin, cos))[0], ref, atol=1e-5)
+    assert_close(att(x, (sin, cos), return_attn=True)[0], ref, atol=1e-5)
+
+
+def test_block_residual_is_layerscale_then_drop_path_then_add():
+    torch.manual_seed(0)
+    x, branch = torch.randn(64, 3, 8), torch.randn(64, 3, 8)
+    for ls, p in ((0.1, 0.5), (0.0, 0.5), (0.1, 0.0), (0.0, 0.0)):
+        blk = m.Block(8, 2, layerscale=ls, drop_path=p).train()
+        lsm = blk.ls1
+        torch.manual_seed(1)
+        want = x + m.drop_path(lsm(branch), p, True)
+        torch.manual_seed(1)
+        assert_close(blk.residual(x, branch, lsm), want)
+    # drop path drops whole samples: each sample got either nothing or 2 x gamma x branch
+    blk = m.Block(8, 2, layerscale=0.1, drop_path=0.5).train()
+    d = (blk.residual(x, branch, blk.ls1) - x) / (0.1 * branch)
+    kept = d.flatten(1).mean(1)
+    assert set(kept.round(decimals=4).tolist()) == {0.0, 2.0} and 16 < (kept > 1).sum() < 48
+    blk.eval()
+    assert_close(blk.residual(x, branch, blk.ls1), x + 0.1 * branch)  # eval: no drop path
+
+
 def test_mask_token_replaces_masked_patches():
     vit = m.ViT(image_size=16, patch_size=4, dim=32, depth=1, heads=2, num_registers=1).eval()
     masks = torch.zeros(2, 16, dtype=torch.bool)
@@ -689,6 +722,25 @@ def test_benchmark_prints_table_and_json(capsys):
               "peak_mem_mb", "device"):
         assert k in last and last[k] == res[k]
     assert last["flops_per_img"] > 0 and 0 < last["mfu"] < 1.5 and last["losses"] == "dino+ibot+koleo+gram"
+
+
+def test_profile_step_charges_forward_and_backward_to_modules(capsys, monkeypatch):
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import profile_step  # bench/profile_step.py
+    monkeypatch.setattr(sys, "argv", ["profile_step.py", "--dim", "32", "--depth", "2", "--heads", "2",
+                                      "--head-hidden", "64", "--prototypes", "64", "--batch-size", "8",
+                                      "--local-crops", "2", "--gram", "--steps", "1"])
+    profile_step.main()
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    parts = res["parts"]
+    for p in ("student/attention forward", "student/attention backward", "student/mlp backward",
+              "student/dino head backward", "student/ibot head backward", "teacher/attention forward",
+              "gram teacher/mlp forward", "data -", "optimiser -", "ema -", "losses forward"):
+        assert p in parts, p
+    assert parts["student/mlp backward"]["matmul"] > 0 and parts["student/attention forward"]["attention kernel"] > 0
+    assert sum(p["share"] for p in parts.values()) == pytest.approx(1.0, abs=1e-3)
+    assert parts.get("unattributed -", {"share": 0})["share"] < 0.05  # (almost) every op is charged to a part
+    assert not any(k.startswith("teacher/") and k.endswith("backward") for k in parts)  # no grad in the teacher
 
 
 # ---- the tutorial notebook -----------------------------------------------------------------------

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import dinov3_mini as dm  # noqa: E402
 
 
-def lightly_step_fn(dim, depth, heads, image_size, patch, hidden, prototypes, lr):
+def lightly_step_fn(dim, depth, heads, image_size, patch, hidden, prototypes, lr, fused=False):
     from lightly.loss import DINOLoss
     from lightly.models.modules import MaskedVisionTransformerTorchvision
     from lightly.models.modules.heads import DINOProjectionHead
@@ -47,7 +47,7 @@ def lightly_step_fn(dim, depth, heads, image_size, patch, hidden, prototypes, lr
     teacher.load_state_dict(student.state_dict())
     deactivate_requires_grad(teacher)
     criterion = DINOLoss(output_dim=prototypes, warmup_teacher_temp_epochs=5)
-    opt = torch.optim.AdamW(student.parameters(), lr=lr)
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, fused=fused)  # lightly's examples: the default AdamW
 
     def step(globals_, locals_, B):
         update_momentum(student, teacher, m=0.996)
@@ -64,7 +64,7 @@ def lightly_step_fn(dim, depth, heads, image_size, patch, hidden, prototypes, lr
 def ours_step_fn(args):
     student = dm.DINOModel(dm.build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(dm.param_groups(student, args.depth, args.layer_decay), lr=1e-4)
+    opt = torch.optim.AdamW(dm.param_groups(student, args.depth, args.layer_decay), lr=1e-4, fused=True)  # as train()
     sched = dm.make_schedules(args, 100)
     sched["steps_per_epoch"] = 100
 
@@ -95,6 +95,8 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--model", default="tiny")
     p.add_argument("--registers", type=int, default=0, help="ours only; 0 = the peer's token count")
+    p.add_argument("--peer-fused-adamw", action="store_true", help="give lightly's side the fused AdamW ours uses "
+                   "(by default it gets torch's default AdamW, as in lightly's examples)")
     a = p.parse_args()
     torch.manual_seed(0)
     # the same ViT shape as the peer's: no registers (torchvision's ViT has none), DINO loss only
@@ -108,7 +110,7 @@ def main():
     g, l = crops["globals"], crops["locals"]
     ours = ours_step_fn(args)
     theirs = lightly_step_fn(args.dim, args.depth, args.heads, args.image_size, args.patch_size, args.head_hidden,
-                             args.prototypes, 1e-4)
+                             args.prototypes, 1e-4, fused=a.peer_fused_adamw)
     # data pipelines: lightly's per-image PIL DINOTransform vs our batched multi-crop
     from lightly.transforms import DINOTransform
     from torchvision.transforms.functional import to_pil_image
@@ -128,7 +130,8 @@ def main():
            "lightly_img_per_s": round(statistics.median(res["lightly"]), 2),
            "ratio": round(statistics.median(res["ours"]) / statistics.median(res["lightly"]), 3),
            "ours_data_img_per_s": round(data_ours, 1), "lightly_data_img_per_s": round(data_lightly, 1),
-           "threads": torch.get_num_threads(), "batch": B, "model": a.model, "torch": torch.__version__}
+           "threads": torch.get_num_threads(), "batch": B, "model": a.model, "torch": torch.__version__,
+           "peer_adamw": "fused" if a.peer_fused_adamw else "default"}
     print(f"DINO-only step, {a.model}, batch {B}, 2x{args.image_size} + 6x{args.local_size} crops, "
           f"{torch.get_num_threads()} threads: ours {out['ours_img_per_s']} img/s, lightly {out['lightly_img_per_s']}"
           f" img/s, ratio {out['ratio']}; data: ours {out['ours_data_img_per_s']} img/s, lightly (PIL) "

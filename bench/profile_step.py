@@ -38,8 +38,6 @@ def label_modules(model, prefix):
             return "attention"
         if isinstance(m, nn.LayerNorm):
             return "layernorm"
-        if isinstance(m, dm.LayerScale):
-            return "layerscale"
         if isinstance(m, dm.RoPE):
             return "rope angles"
         if isinstance(m, dm.DINOHead):
@@ -57,15 +55,13 @@ def label_modules(model, prefix):
         scope = f"mod::{prefix}/{p}"
 
         def pre(mod, inp, scope=scope):
-            rf = torch.profiler.record_function(scope)
-            rf.__enter__()
-            stack.append(rf)
+            stack.append(_enter(scope))
 
         def post(mod, inp, out):
             stack.pop().__exit__(None, None, None)
         m.register_forward_pre_hook(pre)
         m.register_forward_hook(post)
-    # the backbone's own ops (token concat, RoPE padding, final norm) and the head-less rest of the model
+    # everything else the model runs: token concat, RoPE padding, the blocks' residual updates (Block.residual)
     model.register_forward_pre_hook(lambda mod, inp: stack.append(_enter(f"mod::{prefix}/other")))
     model.register_forward_hook(lambda mod, inp, out: stack.pop().__exit__(None, None, None))
 

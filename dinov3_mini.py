@@ -34,6 +34,7 @@ import math
 import os
 import pickle
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -195,7 +196,12 @@ def get_args_parser():
     # analysis commands (no training)
     a("--analyze", metavar="RUN_DIR_OR_CHECKPOINT", default=None, help="Instead of training: measure a trained "
       "teacher (token norms and outliers, attention, PCA/similarity maps, dense probe) and write analysis/*.png "
-      "and analysis/metrics.json next to its checkpoint.")
+      "and analysis/metrics.json next to its checkpoint. Or a released backbone, on photographs: dinov2_vit{s,b,l}14 "
+      "and their _reg versions (downloaded once), dinov3_vit{s,b,l}16 with --weights, or a weights file.")
+    a("--weights", metavar="PATH", default=None, help="With --analyze NAME: the released weights from a local file "
+      "(downloaded elsewhere, or DINOv3's after its licence form) instead of the download.")
+    a("--images", metavar="DIR", default=None, help="With --analyze of a released model: your own photos (every "
+      "image file under DIR, up to --analyze-images) instead of matplotlib's sample photo of Grace Hopper.")
     a("--benchmark", action="store_true", help="Instead of training: time the full training step and the data "
       "pipeline with the given model and crop flags, count FLOPs, and print MFU against a measured matmul peak.")
     a("--plot-log", metavar="RUN_DIR", default=None, help="Instead of training: plot RUN_DIR/log.jsonl (k-NN, "
@@ -219,6 +225,8 @@ def resolve_args(args, parser):
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
     native = {"scenes": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagenette": 64, "folder": 64}
+    if args.analyze and args.image_size is None:  # a released model's photos (a run of this file uses its own size)
+        args.image_size = 448  # a 32 x 32 grid at patch 14, 28 x 28 at patch 16
     args.image_size = args.image_size or native[args.dataset]
     if args.local_size is None:
         args.local_size = max(args.patch_size, (args.image_size // 2) // args.patch_size * args.patch_size)
@@ -366,11 +374,37 @@ class DataUnavailable(Exception):
     """A dataset could not be found or fetched; the command line turns this into a one-paragraph message."""
 
 
+# The published MD5s of the archives, and of CIFAR's pickled batches (as torchvision's dataset classes check
+# them): an archive is checked before it is unpacked, a pickle before it is unpickled (unpickling runs code).
+MD5 = {"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+       "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+       "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz": "91f7769df0f17e558f3565bffb0c7dfb",
+       "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz": "e793b78cc4c9e9a4ccc0c1155377a412",
+       "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+       "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+       "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+       "train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"}
+
+
+def check_md5(path, md5):
+    """Refuse (DataUnavailable) a file whose MD5 is not the published one: corrupt, truncated or replaced."""
+    import hashlib
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != md5:
+        raise DataUnavailable(f"{path} does not have the published MD5 ({h.hexdigest()} instead of {md5}): it is "
+                              "corrupt, truncated or not the original file, so it was not read. Delete it to download "
+                              "it again")
+
+
 def _fetch(url, root, md5=None):
-    """Download and extract an archive into root with torchvision's helper; no network -> DataUnavailable."""
+    """Download and extract an archive into root with torchvision's helper, which checks the archive's published
+    MD5 before unpacking; no network or a wrong checksum -> DataUnavailable."""
     from torchvision.datasets.utils import download_and_extract_archive
     try:
-        download_and_extract_archive(url, download_root=root, md5=md5)
+        download_and_extract_archive(url, download_root=root, md5=md5 or MD5.get(url))
     except Exception as e:  # URLError, HTTPError, socket errors, a broken archive: all mean "not here"
         raise DataUnavailable(f"could not fetch {url} into {root} ({type(e).__name__}: {e})") from None
 
@@ -388,6 +422,7 @@ def _read_cifar(root, name):
     for split, fs in files.items():
         xs, ys = [], []
         for f in fs:
+            check_md5(os.path.join(d, f), MD5[f])  # before unpickling: a pickle can carry code
             with open(os.path.join(d, f), "rb") as fh:
                 e = pickle.load(fh, encoding="latin1")
             xs.append(torch.as_tensor(e["data"], dtype=torch.uint8).view(-1, 3, 32, 32))
@@ -412,13 +447,31 @@ def _read_stl10(root):
             "unlabeled": (x("unlabeled_X.bin"), None)}
 
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _load_image(path, size):
+    """An image file -> uint8 (3, size, size): shorter side resized to size (bicubic), centre-cropped; None if
+    the file cannot be read."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            s = size / min(im.size)
+            im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BICUBIC)
+            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+    except Exception:
+        return None  # unreadable file: skipped and counted
+
+
 def _read_folder(root, size, workers):
     """Class-subfolder images, resized (shorter side) and centre-cropped to size: {split: (x, y)}, classes.
 
     Uses root/train and root/val when present, else holds out every 10th file of each class for testing."""
     from concurrent.futures import ThreadPoolExecutor
-    from PIL import Image
-    exts = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+    exts = IMAGE_EXTS
     if not os.path.isdir(root):
         raise UsageError(f"--data-dir {root}: the image folder does not exist (for --dataset folder, point "
                          "--data-dir at a folder of class subfolders)")
@@ -428,18 +481,6 @@ def _read_folder(root, size, workers):
     if not classes:
         raise UsageError(f"--data-dir {splits['train']} has no class subfolders (--dataset folder expects "
                          "DIR/class_name/image files, optionally under DIR/train and DIR/val)")
-
-    def load(path):
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                s = size / min(im.size)
-                im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BICUBIC)
-                left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-                return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
-        except Exception:
-            return None  # unreadable file: skipped and counted
 
     out, skipped = {}, 0
     for split, d in splits.items():
@@ -451,7 +492,7 @@ def _read_folder(root, size, workers):
                 files = [f for i, f in enumerate(files) if (i % 10 == 9) == (split == "val")]
             items += [(os.path.join(d, c, f), ci) for f in files]
         with ThreadPoolExecutor(max(1, workers)) as ex:
-            imgs = list(ex.map(load, [p for p, _ in items]))
+            imgs = list(ex.map(lambda p: _load_image(p, size), [p for p, _ in items]))
         keep = [i for i, im in enumerate(imgs) if im is not None]
         skipped += len(items) - len(keep)
         if not keep:
@@ -776,7 +817,7 @@ class ViT(nn.Module):
 
     def __init__(self, *, image_size=32, patch_size=4, dim=192, depth=12, heads=3, num_registers=4,
                  mlp_ratio=4.0, layerscale=1e-5, drop_path=0.0, rope_base=100.0, rope_shift=0.0,
-                 rope_jitter=1.0, rope_rescale=2.0):
+                 rope_jitter=1.0, rope_rescale=2.0, pos_grid=0, pos_offset=0.1, pos_antialias=False):
         super().__init__()
         self.image_size, self.patch_size, self.dim, self.num_registers = image_size, patch_size, dim, num_registers
         self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
@@ -790,6 +831,13 @@ class ViT(nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)  # DINOv2's init
         nn.init.normal_(self.registers, std=1e-6)
         self.apply(_init_weights)
+        # pos_grid > 0: DINOv2's learned absolute position embedding instead of RoPE (to run its released weights):
+        # one vector for CLS and a G x G grid (G = 37: 518 px / patch 14), resized to other grids in positions().
+        # RoPE gets infinite periods, so every angle is 0 and its rotation is the identity.
+        self.pos_embed, self.pos_interp = None, (pos_offset, pos_antialias)
+        if pos_grid:
+            self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1 + pos_grid ** 2, dim), std=0.02))
+            self.rope.periods.fill_(math.inf)
 
     def forward(self, x, masks=None, return_norms=False, return_attn=False):
         """x (B,3,H,W), masks (B,N) bool or None -> dict with cls (B,D), registers (B,R,D), patches (B,N,D),
@@ -802,6 +850,8 @@ class ViT(nn.Module):
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         B = x.shape[0]
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.registers.expand(B, -1, -1), x], dim=1)  # (B, 1+R+N, D)
+        if self.pos_embed is not None:  # DINOv2: after the mask token, as there; registers get no position
+            x = x + self.positions(h, w).to(x.dtype)
         sin, cos = self.rope(h, w)  # (N, D_h) for the patches; CLS and registers get the identity rotation
         P = 1 + self.num_registers
         rope = (F.pad(sin, (0, 0, P, 0)), F.pad(cos, (0, 0, P, 0), value=1.0))  # (1+R+N, D_h)
@@ -825,6 +875,21 @@ class ViT(nn.Module):
         if return_attn:
             out["attn"] = attns
         return out
+
+    def positions(self, h, w):
+        """DINOv2's learned position embeddings for an h x w patch grid -> (1, 1+R+N, D), zero on the registers.
+        The G x G grid is resized bicubically as dinov2's interpolate_pos_encoding does: unchanged at G x G,
+        else to (h + offset) / G, (w + offset) / G by scale factor (offset 0.1, no antialias: the models without
+        registers) or to the size itself (offset 0, antialias: the _reg models)."""
+        pos = self.pos_embed.float()  # (1, 1 + G*G, D)
+        G, (offset, antialias) = math.isqrt(pos.shape[1] - 1), self.pos_interp
+        grid = pos[:, 1:]
+        if (h, w) != (G, G):
+            kw = dict(scale_factor=((h + offset) / G, (w + offset) / G)) if offset else dict(size=(h, w))
+            grid = F.interpolate(rearrange(grid, "1 (g k) d -> 1 d g k", g=G), mode="bicubic", antialias=antialias, **kw)
+            grid = rearrange(grid, "1 d h w -> 1 (h w) d")  # (1, N, D)
+        regs = pos.new_zeros(1, self.num_registers, pos.shape[-1])
+        return torch.cat([pos[:, :1], regs, grid], dim=1).to(self.pos_embed.dtype)  # (1, 1+R+N, D)
 
 
 def _init_weights(m):
@@ -1164,14 +1229,29 @@ class CheckpointError(Exception):
     pass
 
 
-def load_checkpoint(path, args=None):
-    """Load a checkpoint dict; refuse (CheckpointError) one that is truncated, not ours, or of another model."""
+def safe_load(path):
+    """torch.load with weights_only=True: a checkpoint is data (tensors, numbers, strings, lists, dicts), and a
+    pickle that would run code while loading (an object with a __reduce__ calling anything) is refused
+    (CheckpointError), as is a file that is missing, truncated or corrupt."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
+    except pickle.UnpicklingError as e:
+        what = re.search(r"GLOBAL ([\w.]+)", str(e))  # the function or class the pickle asks for
+        raise CheckpointError(
+            f"{path} holds more than tensors and plain data: loading it would call {what[1] if what else 'code'} "
+            "from inside the file, so it was not loaded. Checkpoints and weights are read with "
+            "torch.load(weights_only=True), which runs no code from the file; only use files from a source you "
+            "trust, and ask for a plain state dict (tensors only)") from None
     except Exception as e:
         raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({type(e).__name__})") from None
+
+
+def load_checkpoint(path, args=None):
+    """Load a checkpoint dict; refuse (CheckpointError) one that is truncated, carries code, is not ours, or is
+    of another model."""
+    ck = safe_load(path)
     if not isinstance(ck, dict) or "teacher" not in ck or "args" not in ck:
         raise CheckpointError(f"{path} is not a dinov3_mini checkpoint")
     if args is not None:
@@ -1966,6 +2046,191 @@ def plot_log(out_dir):
     return out
 
 
+# ---- the released models: DINOv2 (with and without registers) and DINOv3 weights in this file's ViT, where the
+# high-norm artifacts are known to exist (registers paper, Fig. 1 and 7)
+
+# where dinov2's hubconf.py downloads them (dinov2/hub/backbones.py); the _reg models have 4 registers
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{a}/{a}{r}_pretrain.pth"
+DINOV2_NAMES = [f"dinov2_vit{s}14{r}" for s in "sbl" for r in ("", "_reg")]
+DINOV3_NAMES = ["dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16"]  # behind a licence form: --weights PATH
+# official name -> this file's name, inside each block and at the top ("" = consumed, not needed at inference)
+BLOCK_NAMES = {"norm1": "norm1", "attn.qkv": "attn.qkv", "attn.proj": "attn.proj", "ls1": "ls1", "norm2": "norm2",
+               "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2", "ls2": "ls2"}
+TOP_NAMES = {"cls_token": "cls_token", "register_tokens": "registers", "storage_tokens": "registers",
+             "pos_embed": "pos_embed", "mask_token": "mask_token", "patch_embed.proj": "patch_embed", "norm": "norm",
+             "rope_embed.periods": "rope.periods", "local_cls_norm": ""}  # DINOv3 ViT-L SAT: local crops only
+
+
+def _official_to_ours(sd, vit):
+    """Rename an official backbone state dict onto vit's names and load it strictly; refuse what is not mapped."""
+    ours, unmapped = {}, []
+    for k, v in sd.items():
+        head, _, leaf = k.rpartition(".")
+        blk = re.fullmatch(r"blocks\.(\d+)\.(.+)", head)
+        if k in TOP_NAMES:  # a whole tensor: cls_token, pos_embed, ...
+            name = TOP_NAMES[k]
+        elif head in TOP_NAMES:  # a module's weight or bias: patch_embed.proj.weight, norm.bias, ...
+            name = TOP_NAMES[head] and f"{TOP_NAMES[head]}.{leaf}"
+        elif blk and blk[2] in BLOCK_NAMES:  # blocks.N.mlp.fc1.weight -> blocks.N.mlp.0.weight
+            name = f"blocks.{blk[1]}.{BLOCK_NAMES[blk[2]]}.{leaf}"
+        else:
+            unmapped.append(k)
+            continue
+        if name:
+            ours[name] = v
+    if unmapped:
+        raise CheckpointError(
+            f"the weights hold {len(unmapped)} tensor(s) this file's ViT has no place for ({', '.join(unmapped[:4])}"
+            f"{', ...' if len(unmapped) > 4 else ''}), so they were not loaded. Maps exist for DINOv2 ViT-S/B/L/14 "
+            "(with or without registers) and DINOv3 ViT-S/B/L/16; the SwiGLU feed-forward models (DINOv2 ViT-g/14, "
+            "DINOv3 ViT-S+/L+/H+/7B) are left out")
+    ours["mask_token"] = ours["mask_token"].reshape(1, 1, -1)  # official (1, D)
+    ours.setdefault("registers", vit.registers.detach())  # (1, 0, D) without registers
+    periods = ours.pop("rope.periods", None)  # a buffer here, not part of the state dict
+    try:
+        vit.load_state_dict(ours, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights do not fit the ViT their shapes describe "
+                              f"({str(e).splitlines()[1].strip()[:300]})") from None
+    if periods is not None:
+        vit.rope.periods.copy_(periods)
+    return vit.eval()
+
+
+def load_dinov2(state_dict, heads=None):
+    """A released DINOv2 backbone state dict (official names) -> this file's ViT, eval mode. The architecture is
+    read from the shapes (heads: 64 channels each, as in every released model); LayerNorm eps 1e-6; learned
+    position embeddings, interpolated as the official code does (the _reg models with their own settings).
+    Forward gives cls, registers, patches equal to the official x_norm_clstoken, _regtokens, _patchtokens."""
+    w, pos = state_dict["patch_embed.proj.weight"], state_dict["pos_embed"]  # (D, 3, p, p), (1, 1 + G*G, D)
+    R = state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0
+    vit = _released_vit(state_dict, heads or w.shape[0] // 64, R, eps=1e-6, pos_grid=math.isqrt(pos.shape[1] - 1),
+                        pos_offset=0.0 if R else 0.1, pos_antialias=R > 0)
+    return _official_to_ours(state_dict, vit)
+
+
+def load_dinov3(state_dict):
+    """A released DINOv3 ViT state dict (official names) -> this file's ViT (DINOv3's architecture: RoPE with the
+    stored periods, storage tokens = registers, LayerScale), eval mode, LayerNorm eps 1e-5 (as released). The
+    k part of the qkv bias is masked out in DINOv3 (mask_k_bias): bias_mask is folded into the bias here."""
+    sd = dict(state_dict)
+    for k in [k for k in sd if k.endswith("attn.qkv.bias_mask")]:
+        b = k[:-len("_mask")]
+        sd[b] = sd[b] * sd.pop(k)  # (3D,): ones on q and v, zeros on k
+    D = sd["patch_embed.proj.weight"].shape[0]
+    R = sd["storage_tokens"].shape[1] if "storage_tokens" in sd else 0
+    return _official_to_ours(sd, _released_vit(sd, D // (4 * len(sd["rope_embed.periods"])), R, eps=1e-5))
+
+
+def _released_vit(sd, heads, R, eps, **kw):
+    """The ViT an official state dict describes: width, depth, patch size, MLP width, LayerScale from the shapes."""
+    D, _, p, _ = sd["patch_embed.proj.weight"].shape
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D
+    vit = ViT(image_size=224, patch_size=p, dim=D, depth=depth, heads=heads, num_registers=R, mlp_ratio=hidden / D,
+              layerscale=1.0 if "blocks.0.ls1.gamma" in sd else 0.0, **kw)
+    for m in vit.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = eps
+    return vit
+
+
+def load_released(state_dict):
+    """load_dinov2 or load_dinov3, told apart by their position encoding (a learned table or RoPE periods)."""
+    try:
+        if "pos_embed" in state_dict:
+            return load_dinov2(state_dict)
+        if "rope_embed.periods" in state_dict:
+            return load_dinov3(state_dict)
+    except KeyError as e:
+        raise CheckpointError(f"the weights lack the tensor {e}, which every released DINOv2/DINOv3 backbone has") from None
+    raise CheckpointError("the file is neither a run of this file nor a DINOv2/DINOv3 backbone state dict (it has "
+                          "no pos_embed and no rope_embed.periods)")
+
+
+class WeightsUnavailable(Exception):
+    """Released weights could not be downloaded; the command line turns this into a one-paragraph message."""
+
+
+def released_state_dict(name, weights=None):
+    """The state dict of a released model: from --weights PATH, a local file given as the name, or (DINOv2) the
+    official download, cached by torch.hub; every read is torch.load(weights_only=True)."""
+    if weights or (os.path.isfile(name) and name not in DINOV2_NAMES):
+        return safe_load(weights or name)
+    if name in DINOV3_NAMES:
+        raise UsageError(f"the DINOv3 weights are downloaded after accepting Meta's licence form (see the dinov3 "
+                         f"repository's README); then run: --analyze {name} --weights PATH/TO/{name}_pretrain.pth")
+    if name not in DINOV2_NAMES:
+        raise UsageError(f"--analyze {name}: no run folder, checkpoint or weights file of that name, and not a released "
+                         f"model this file can load ({', '.join(DINOV2_NAMES + DINOV3_NAMES)})")
+    a, reg = name.removesuffix("_reg"), name.endswith("_reg")
+    url = DINOV2_URL.format(a=a, r="_reg4" if reg else "")
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, weights_only=True)
+    except pickle.UnpicklingError:
+        return safe_load(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))  # its message
+    except Exception as e:  # URLError, HTTPError, socket errors, a broken download: all mean "not here"
+        raise WeightsUnavailable(
+            f"could not download the {name} weights from {url} ({type(e).__name__}: {e}). This machine may have no "
+            f"network. Download that file on another machine, copy it here and run `python dinov3_mini.py --analyze "
+            f"{name} --weights PATH/TO/{os.path.basename(url)}`, or put it into the torch hub cache "
+            f"({os.path.join(torch.hub.get_dir(), 'checkpoints')}), where it is found without a network.") from None
+
+
+def load_photos(folder, size, n):
+    """Up to n photos of a folder as uint8 (N,3,S,S) (shorter side resized, centre crop); matplotlib's sample
+    photo (Grace Hopper) when no folder is given."""
+    if folder is None:
+        from matplotlib import cbook
+        paths = [str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))]
+    elif not os.path.isdir(folder):
+        raise UsageError(f"--images {folder}: the folder does not exist")
+    else:
+        paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
+    imgs = [im for im in (_load_image(p, size) for p in paths[:n]) if im is not None]
+    if not imgs:
+        raise UsageError(f"--images {folder}: no readable image files ({', '.join(IMAGE_EXTS)}) in it")
+    return torch.stack(imgs)
+
+
+def analyze_released(args, state_dict=None):
+    """--analyze on a released backbone: every instrument on photographs, PNGs and metrics.json in --out-dir/NAME."""
+    name = args.analyze
+    backbone = load_released(state_dict if state_dict is not None else released_state_dict(name, args.weights))
+    S, p = args.image_size, backbone.patch_size
+    if S % p:
+        raise UsageError(f"--image-size {S} must be a multiple of the model's patch size {p}")
+    images = load_photos(args.images, S, args.analyze_images)
+    device = pick_device(args.device)
+    tok = collect_tokens(backbone.to(device), images, S, device, batch=2)  # keeps every layer's attention maps
+    metrics, details = analyze(tok)
+    tag = os.path.splitext(os.path.basename(name))[0]
+    out_dir = os.path.join(args.out_dir, tag)
+    title = (f"{tag}: {backbone.dim}-d, {len(backbone.blocks)} blocks, {backbone.num_registers} registers, "
+             f"patch {p}, {len(images)} photo(s) at {S} px")
+    pics = plot_analysis(tok, details, metrics, images, out_dir, title, n_show=min(6, len(images)))
+    metrics.update(model=tag, image_size=S, images=args.images or "grace_hopper.jpg (matplotlib)")
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    for k in ("outlier_fraction", "patch_norm_median", "patch_norm_max", "patch_norm_max_ratio", "patch_norm_bimodality",
+              "register_norm_mean", "outlier_cls_attention_share", "register_cls_attention_share", "patch_cls_cosine"):
+        v = metrics.get(k)
+        print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')} and {len(pics)} pictures in {out_dir}")
+    return metrics
+
+
+def analyze_command(args):
+    """--analyze: a run of this file (folder or checkpoint.pt) or a released backbone (name, --weights, a file)."""
+    path = os.path.join(args.analyze, "checkpoint.pt") if os.path.isdir(args.analyze) else args.analyze
+    if args.weights or not os.path.isfile(path):
+        return analyze_released(args)
+    ck = safe_load(path)
+    if isinstance(ck, dict) and "teacher" in ck and "args" in ck:
+        return analyze_run(args.analyze, args.device, args.analyze_images)
+    return analyze_released(args, ck)
+
+
 def load_teacher(path, device="cpu"):
     """The EMA teacher's backbone of a run folder or checkpoint, in eval mode: (backbone, the run's args, checkpoint)."""
     ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
@@ -2035,9 +2300,12 @@ def main(argv=None):
         try:
             if args.plot_log:
                 print(f"wrote {plot_log(args.plot_log)}")
-            return analyze_run(args.analyze, args.device, args.analyze_images) if args.analyze else None
+            return analyze_command(args) if args.analyze else None
         except (UsageError, CheckpointError) as e:
             parser.error(str(e))
+        except WeightsUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         except DataUnavailable as e:
             print(f"error: the data of the analysed run could not be loaded: {e}.", file=sys.stderr)
             sys.exit(1)

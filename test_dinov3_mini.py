@@ -320,7 +320,9 @@ def test_block_masks_exact_ratio():
 
 # ---- real-dataset readers on small fakes in each format ---------------------------------------
 
-def _fake_cifar(root, name, n=12):
+def _fake_cifar(root, name, monkeypatch, n=12):
+    """Fake CIFAR batches; their MD5s stand in for the published ones (checked before unpickling)."""
+    import hashlib
     d = os.path.join(root, "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     os.makedirs(d)
     files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if name == "cifar10" else ["train", "test"]
@@ -329,11 +331,12 @@ def _fake_cifar(root, name, n=12):
         data = torch.randint(0, 255, (n, 3072), dtype=torch.uint8).numpy()
         with open(os.path.join(d, f), "wb") as fh:
             pickle.dump({"data": data, key: list(range(n))}, fh)
+        monkeypatch.setitem(m.MD5, f, hashlib.md5(open(os.path.join(d, f), "rb").read()).hexdigest())
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
-def test_cifar_reader(tmp_path, name):
-    _fake_cifar(str(tmp_path), name)
+def test_cifar_reader(tmp_path, name, monkeypatch):
+    _fake_cifar(str(tmp_path), name, monkeypatch)
     args = args_for("--dataset", name, "--data-dir", str(tmp_path))
     x, xk, yk, xt, yt, mt = m.load_data(args)
     assert x.shape == ((60 if name == "cifar10" else 12), 3, 32, 32) and x.dtype == torch.uint8
@@ -416,7 +419,7 @@ def test_end_to_end_run_writes_logs_and_summary(tmp_path):
         assert k in steps[0]
     assert "gram" not in steps[0] and "gram" in steps[-1]  # the Gram loss switched on in epoch 1
     assert all(math.isfinite(r["loss"]) for r in steps)
-    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ck["step"] == 8 and ck["gram_teacher"] is not None
 
 
@@ -437,11 +440,11 @@ def test_interrupt_and_resume_reproduce_uninterrupted_run(tmp_path, monkeypatch)
     with pytest.raises(SystemExit) as e:
         m.main(argv + ["--out-dir", run])
     assert e.value.code == 128 + signal.SIGINT
-    assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)["step"] == 3
+    assert torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)["step"] == 3
     monkeypatch.setattr(m, "ema_update", real)
     m.main(argv + ["--out-dir", run, "--resume"])
-    a = torch.load(os.path.join(ref, "checkpoint.pt"), weights_only=False)
-    b = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
+    a = torch.load(os.path.join(ref, "checkpoint.pt"), weights_only=True)
+    b = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=True)
     for k in a["teacher"]:
         assert torch.equal(a["teacher"][k], b["teacher"][k]), k
     for k in a["student"]:
@@ -567,7 +570,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     # k-NN on features gathered from the 2 processes; the teachers differ by float round-off, which may
     # flip a near-tie among the 2000 test images
     assert abs(evals[0]["knn_acc"] - evals[1]["knn_acc"]) <= 0.0025
-    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False)["teacher"] for d in ("ddp", "one"))
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["teacher"] for d in ("ddp", "one"))
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-4
 
 
@@ -588,7 +591,7 @@ def test_torchrun_sigterm_saves_and_resumes(tmp_path):
     os.killpg(p.pid, signal.SIGTERM)
     text = p.communicate(timeout=120)[0]
     assert "SIGTERM: saved" in text, text[-2000:]
-    step = torch.load(out / "checkpoint.pt", weights_only=False)["step"]
+    step = torch.load(out / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < step < 200 * 8 and step % 2 == 0  # saved at an agreed logging interval, mid-run
     r = subprocess.run(cmd + [a if a != "200" else "1" for a in argv] + ["--resume"], capture_output=True,
                        text=True, env=env, timeout=120)  # fewer epochs: the run is already past them
@@ -632,7 +635,7 @@ def test_non_finite_loss_stops_with_step_and_part_and_keeps_checkpoint(tmp_path,
     assert e.value.code == 3
     err = capsys.readouterr().err
     assert "non-finite at step 6" in err and "koleo" in err and "intact" in err
-    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
+    ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ck["step"] == 4  # the end of epoch 1, saved before the NaN; nothing after it
     assert all(torch.isfinite(v).all() for v in ck["student"].values())
 
@@ -771,3 +774,210 @@ def test_notebook_runs_top_to_bottom_in_fast_mode(tmp_path, monkeypatch):
     out = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "mode: FAST" in out and "this notebook ran in" in out
     assert os.path.exists(tmp_path / "tutorial_runs_fast" / "storage_r0" / "analysis" / "norm_hist.png")
+
+
+# ---- the released models: official names and shapes (random values), an independent forward pass ----------------
+
+def _official_block(sd, b, D, hidden, g, bias_mask=False):
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    sd.update({b + "norm1.weight": 1 + r(D), b + "norm1.bias": r(D), b + "attn.qkv.weight": r(3 * D, D),
+               b + "attn.qkv.bias": r(3 * D), b + "attn.proj.weight": r(D, D), b + "attn.proj.bias": r(D),
+               b + "ls1.gamma": 1 + r(D), b + "norm2.weight": 1 + r(D), b + "norm2.bias": r(D),
+               b + "mlp.fc1.weight": r(hidden, D), b + "mlp.fc1.bias": r(hidden), b + "mlp.fc2.weight": r(D, hidden),
+               b + "mlp.fc2.bias": r(D), b + "ls2.gamma": 1 + r(D)})
+    if bias_mask:  # DINOv3's mask_k_bias: ones on q and v, zeros on k
+        sd[b + "attn.qkv.bias_mask"] = torch.cat([torch.ones(D), torch.zeros(D), torch.ones(D)])
+
+
+def _dinov2_state_dict(D, depth, R, G=37, p=14, seed=0):
+    """The keys and shapes of dinov2's DinoVisionTransformer.state_dict() (block_chunks=0, as the hub builds it)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    sd = {"cls_token": r(1, 1, D), "pos_embed": r(1, 1 + G * G, D), "mask_token": r(1, D)}
+    if R:
+        sd["register_tokens"] = r(1, R, D)
+    sd.update({"patch_embed.proj.weight": r(D, 3, p, p), "patch_embed.proj.bias": r(D)})
+    for i in range(depth):
+        _official_block(sd, f"blocks.{i}.", D, 4 * D, g)
+    sd.update({"norm.weight": 1 + r(D), "norm.bias": r(D)})
+    return sd
+
+
+def _dinov3_state_dict(D, depth, heads, R=4, p=16, seed=0):
+    """The keys and shapes of dinov3's DinoVisionTransformer.state_dict() for the released ViT-S/B/L/16."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    dh = D // heads
+    sd = {"cls_token": r(1, 1, D), "storage_tokens": r(1, R, D), "mask_token": r(1, D),
+          "patch_embed.proj.weight": r(D, 3, p, p), "patch_embed.proj.bias": r(D),
+          "rope_embed.periods": 100.0 ** (2 * torch.arange(dh // 4) / (dh // 2)) * (1 + r(dh // 4).abs())}
+    for i in range(depth):
+        _official_block(sd, f"blocks.{i}.", D, 4 * D, g, bias_mask=True)
+    sd.update({"norm.weight": 1 + r(D), "norm.bias": r(D)})
+    return sd
+
+
+def _ref_forward(sd, x, heads, eps, R, pos=None, periods=None, masks=None):
+    """DINOv2/v3's backbone written from their definitions, on the official names: patch embedding, mask token,
+    learned positions (CLS and patches) or RoPE (patches only), pre-norm blocks with LayerScale, final norm."""
+    B, D, p = x.shape[0], sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+    h, w = x.shape[2] // p, x.shape[3] // p
+    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
+    if masks is not None:
+        t = torch.where(masks[..., None], sd["mask_token"], t)
+    t = torch.cat([sd["cls_token"].expand(B, 1, D), t], 1)
+    if pos is not None:  # pos = (offset, antialias): interpolate_pos_encoding's rule
+        table = sd["pos_embed"]
+        G = int(round((table.shape[1] - 1) ** 0.5))
+        grid = table[:, 1:]
+        if (h, w) != (G, G):
+            img = grid.reshape(1, G, G, D).permute(0, 3, 1, 2)
+            kw = {"scale_factor": ((h + pos[0]) / G, (w + pos[0]) / G)} if pos[0] else {"size": (h, w)}
+            grid = F.interpolate(img, mode="bicubic", antialias=pos[1], **kw).permute(0, 2, 3, 1).reshape(1, h * w, D)
+        t = t + torch.cat([table[:, :1], grid], 1)
+    regs = sd.get("register_tokens", sd.get("storage_tokens", torch.zeros(1, 0, D)))
+    t = torch.cat([t[:, :1], regs.expand(B, -1, -1), t[:, 1:]], 1)  # registers after the positions: none for them
+    if periods is not None:  # axial RoPE: coordinates in [-1, 1], [h angles, w angles] tiled twice, rotate-half
+        ch, cw = (torch.arange(0.5, h) / h) * 2 - 1, (torch.arange(0.5, w) / w) * 2 - 1
+        yx = torch.stack(torch.meshgrid(ch, cw, indexing="ij"), -1).reshape(-1, 2)
+        ang = (2 * math.pi * yx[:, :, None] / periods).reshape(h * w, -1).repeat(1, 2)
+        sin, cos = ang.sin(), ang.cos()
+    n_pre, dh = 1 + regs.shape[1], D // heads
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    for i in range(depth):
+        g = lambda n: sd[f"blocks.{i}.{n}"]  # noqa: E731
+        a = F.layer_norm(t, (D,), g("norm1.weight"), g("norm1.bias"), eps)
+        bias = g("attn.qkv.bias") * sd.get(f"blocks.{i}.attn.qkv.bias_mask", 1)
+        q, k, v = (a @ g("attn.qkv.weight").T + bias).reshape(B, -1, 3, heads, dh).permute(2, 0, 3, 1, 4)
+        if periods is not None:
+            rot = lambda z: torch.cat([z[..., :n_pre, :], z[..., n_pre:, :] * cos + torch.cat(  # noqa: E731
+                [-z[..., n_pre:, dh // 2:], z[..., n_pre:, :dh // 2]], -1) * sin], -2)
+            q, k = rot(q), rot(k)
+        att = ((q @ k.transpose(-1, -2)) / math.sqrt(dh)).softmax(-1) @ v
+        t = t + g("ls1.gamma") * (att.transpose(1, 2).reshape(B, -1, D) @ g("attn.proj.weight").T + g("attn.proj.bias"))
+        a = F.layer_norm(t, (D,), g("norm2.weight"), g("norm2.bias"), eps)
+        a = F.gelu(a @ g("mlp.fc1.weight").T + g("mlp.fc1.bias")) @ g("mlp.fc2.weight").T + g("mlp.fc2.bias")
+        t = t + g("ls2.gamma") * a
+    t = F.layer_norm(t, (D,), sd["norm.weight"], sd["norm.bias"], eps)
+    return t[:, 0], t[:, 1:n_pre], t[:, n_pre:]
+
+
+def _our_name(k):
+    """The map the loaders must apply, written out independently: official name -> the file's ViT's name."""
+    for a, b in (("register_tokens", "registers"), ("storage_tokens", "registers"), ("patch_embed.proj.", "patch_embed."),
+                 (".mlp.fc1.", ".mlp.0."), (".mlp.fc2.", ".mlp.2.")):
+        k = k.replace(a, b)
+    return k
+
+
+@pytest.mark.parametrize("name, D, depth, R", [
+    ("vits14", 384, 12, 0), ("vits14_reg", 384, 12, 4),  # the full official layout of ViT-S
+    ("vitb14", 768, 2, 0), ("vitb14_reg", 768, 2, 4), ("vitl14", 1024, 2, 0), ("vitl14_reg", 1024, 2, 4)])
+def test_dinov2_state_dict_loads_every_key_and_matches_an_independent_forward(name, D, depth, R):
+    sd = _dinov2_state_dict(D, depth, R)
+    vit = m.load_dinov2(sd)
+    ours = vit.state_dict()
+    assert (vit.dim, len(vit.blocks), vit.num_registers, vit.patch_size) == (D, depth, R, 14)
+    assert vit.blocks[0].attn.heads == D // 64 and vit.pos_interp == ((0.0, True) if R else (0.1, False))
+    for k, v in sd.items():  # every official tensor sits, unchanged, under its name here
+        assert torch.equal(ours[_our_name(k)], v.reshape(ours[_our_name(k)].shape)), k
+    assert set(ours) == {_our_name(k) for k in sd} | ({"registers"} if not R else set())  # nothing left at init
+    x = torch.randn(2, 3, 56, 70)  # a 4 x 5 grid: the 37 x 37 table is interpolated (offset, antialias)
+    masks = torch.rand(2, 20) < 0.3
+    with torch.no_grad():
+        for mk in (None, masks):
+            out = vit(x, masks=mk)
+            cls, regs, patches = _ref_forward(sd, x, D // 64, 1e-6, R, pos=((0.0, True) if R else (0.1, False)),
+                                              masks=mk)
+            assert_close(out["cls"], cls, atol=1e-4)
+            assert_close(out["patches"], patches, atol=1e-4)
+            assert out["registers"].shape == (2, R, D) and (not R or torch.allclose(out["registers"], regs, atol=1e-4))
+
+
+def test_dinov2_positions_unchanged_on_the_native_grid_and_interpolated_elsewhere():
+    sd = _dinov2_state_dict(64, 1, 0, G=4)
+    vit = m.load_dinov2(sd)
+    assert torch.equal(vit.positions(4, 4), sd["pos_embed"])  # 56 px = the stored 4 x 4 grid: no interpolation
+    with torch.no_grad():
+        for size in ((56, 56), (112, 84)):
+            x = torch.randn(1, 3, *size)
+            assert_close(vit(x)["patches"], _ref_forward(sd, x, 1, 1e-6, 0, pos=(0.1, False))[2], atol=1e-4)
+
+
+def test_dinov3_state_dict_maps_storage_tokens_rope_periods_layerscale_and_mask_k_bias():
+    sd = _dinov3_state_dict(384, 2, heads=6)
+    sd["local_cls_norm.weight"], sd["local_cls_norm.bias"] = torch.ones(384), torch.zeros(384)  # ViT-L SAT: training only
+    vit = m.load_dinov3(sd)
+    assert (vit.dim, len(vit.blocks), vit.num_registers, vit.patch_size, vit.blocks[0].attn.heads) == (384, 2, 4, 16, 6)
+    assert vit.pos_embed is None and torch.equal(vit.rope.periods, sd["rope_embed.periods"])
+    ours = vit.state_dict()
+    for k, v in sd.items():
+        if k.endswith("qkv.bias"):  # the k part of the bias is masked out (mask_k_bias)
+            assert torch.equal(ours[k], v * sd[k + "_mask"]) and ours[k][384:768].abs().max() == 0
+        elif k != "rope_embed.periods" and "bias_mask" not in k and "local_cls_norm" not in k:
+            assert torch.equal(ours[_our_name(k)], v.reshape(ours[_our_name(k)].shape)), k
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        out = vit(x)
+    cls, regs, patches = _ref_forward(sd, x, 6, 1e-5, 4, periods=sd["rope_embed.periods"])
+    assert_close(out["cls"], cls, atol=1e-4)
+    assert_close(out["registers"], regs, atol=1e-4)
+    assert_close(out["patches"], patches, atol=1e-4)
+
+
+def test_released_loader_refuses_what_it_cannot_map():
+    giant = _dinov2_state_dict(64, 1, 0, G=2)
+    for k in [k for k in giant if ".mlp." in k]:
+        del giant[k]
+    giant.update({"blocks.0.mlp.w12.weight": torch.zeros(340, 64), "blocks.0.mlp.w3.weight": torch.zeros(64, 170)})
+    with pytest.raises(m.CheckpointError, match=r"blocks\.0\.mlp\.w12\.weight.*SwiGLU"):
+        m.load_released(giant)
+    extra = {**_dinov2_state_dict(64, 1, 0, G=2), "head.weight": torch.zeros(10, 64)}
+    with pytest.raises(m.CheckpointError, match="head.weight"):
+        m.load_released(extra)
+    missing = _dinov2_state_dict(64, 1, 0, G=2)
+    del missing["norm.weight"]
+    with pytest.raises(m.CheckpointError, match="norm.weight"):
+        m.load_released(missing)
+    with pytest.raises(m.CheckpointError, match="neither"):
+        m.load_released({"weight": torch.zeros(3)})
+
+
+def test_matches_the_official_dinov2_and_dinov3_code_when_it_is_importable():
+    """With facebookresearch/dinov2 and /dinov3 on the path (PYTHONPATH): their modules, random weights, our ViT."""
+    os.environ.setdefault("XFORMERS_DISABLED", "1")
+    from functools import partial
+    v2 = pytest.importorskip("dinov2.models.vision_transformer")
+    torch.manual_seed(0)
+    for R in (0, 4):  # dinov2_vits14 and dinov2_vits14_reg as dinov2/hub/backbones.py builds them, 2 blocks
+        ref = v2.DinoVisionTransformer(
+            img_size=518, patch_size=14, embed_dim=384, depth=2, num_heads=6, init_values=1.0, block_chunks=0,
+            block_fn=partial(v2.Block, attn_class=v2.MemEffAttention), num_register_tokens=R,
+            interpolate_antialias=R > 0, interpolate_offset=0.0 if R else 0.1).eval()
+        with torch.no_grad():
+            for prm in ref.parameters():
+                prm.normal_(0, 0.1).add_(1.0 if prm.ndim == 1 and prm.shape[0] == 384 else 0.0)
+        vit = m.load_dinov2(ref.state_dict())
+        for size in ((224, 224), (518, 518), (98, 126)):
+            x = torch.randn(2, 3, *size)
+            with torch.no_grad():
+                a, b = ref.forward_features(x), vit(x)
+            for k, o in (("x_norm_clstoken", "cls"), ("x_norm_regtokens", "registers"), ("x_norm_patchtokens", "patches")):
+                if R or o != "registers":
+                    assert_close(b[o], a[k], atol=1e-4)
+    v3 = pytest.importorskip("dinov3.hub.backbones")
+    ref = v3._make_dinov3_vit(  # dinov3_vits16's configuration, 2 blocks
+        patch_size=16, pos_embed_rope_base=100, pos_embed_rope_normalize_coords="separate",
+        pos_embed_rope_rescale_coords=2, pos_embed_rope_dtype="fp32", embed_dim=384, depth=2, num_heads=6,
+        ffn_ratio=4, qkv_bias=True, layerscale_init=1e-5, norm_layer="layernormbf16", ffn_layer="mlp",
+        n_storage_tokens=4, mask_k_bias=True, pretrained=False).eval()
+    ref.init_weights()
+    with torch.no_grad():
+        for prm in ref.parameters():
+            prm.add_(torch.randn_like(prm) * 0.1)
+    vit = m.load_dinov3(ref.state_dict())
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        a, b = ref.forward_features(x), vit(x)
+    for k, o in (("x_norm_clstoken", "cls"), ("x_storage_tokens", "registers"), ("x_norm_patchtokens", "patches")):
+        assert_close(b[o], a[k], atol=1e-4)

@@ -981,3 +981,97 @@ def test_matches_the_official_dinov2_and_dinov3_code_when_it_is_importable():
         a, b = ref.forward_features(x), vit(x)
     for k, o in (("x_norm_clstoken", "cls"), ("x_storage_tokens", "registers"), ("x_norm_patchtokens", "patches")):
         assert_close(b[o], a[k], atol=1e-4)
+
+
+def test_analyze_a_released_model_end_to_end_from_a_weights_file(tmp_path, capsys):
+    """--analyze NAME --weights PATH on a small DINOv2-shaped state dict saved as the hub saves it."""
+    from PIL import Image
+    w = tmp_path / "dinov2_vits14_reg4_pretrain.pth"
+    torch.save(_dinov2_state_dict(64, 2, 4, G=4), w)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.new("RGB", (80 + 10 * i, 70), (40 * i, 90, 200)).save(photos / f"{i}.png")
+    metrics = m.main(["--analyze", "dinov2_vits14_reg", "--weights", str(w), "--images", str(photos),
+                      "--image-size", "112", "--out-dir", str(tmp_path / "out")])
+    out = tmp_path / "out" / "dinov2_vits14_reg"
+    saved = json.load(open(out / "metrics.json"))
+    assert saved["outlier_fraction"] == metrics["outlier_fraction"] and saved["image_size"] == 112
+    for name in ("norm_hist", "norms_per_layer", "norm_maps", "cls_attention", "register_attention", "pca_similarity"):
+        assert os.path.getsize(out / f"{name}.png") > 1000
+    # a weights file given directly, on matplotlib's sample photo
+    torch.save(_dinov2_state_dict(64, 2, 0, G=4), tmp_path / "v2.pth")
+    m.main(["--analyze", str(tmp_path / "v2.pth"), "--image-size", "56", "--out-dir", str(tmp_path / "out")])
+    assert json.load(open(tmp_path / "out" / "v2" / "metrics.json"))["images"].startswith("grace_hopper")
+    assert "outlier_fraction" in capsys.readouterr().out
+
+
+def test_released_weights_offline_is_one_paragraph(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    def offline(url, **kw):
+        assert url == "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_reg4_pretrain.pth"
+        assert kw["weights_only"] is True
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(SystemExit) as e:
+        m.main(["--analyze", "dinov2_vitl14_reg", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "--weights" in err and "dinov2_vitl14_reg4_pretrain.pth" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:  # DINOv3: behind a licence form, never downloaded here
+        m.main(["--analyze", "dinov3_vitl16", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2 and "licence" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_carries_code_is_refused_everywhere(tmp_path, capsys):
+    """Every checkpoint read is torch.load(weights_only=True): a pickle whose __reduce__ calls os.mkdir never runs."""
+    marker = tmp_path / "the_pickle_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"teacher": Payload(), "args": {}, "step": 0}, run / "checkpoint.pt")
+    torch.save({"cls_token": Payload()}, tmp_path / "weights.pth")
+    with pytest.raises(m.CheckpointError, match="posix.mkdir|os.mkdir"):
+        m.load_teacher(str(run))
+    for argv in (["--analyze", str(run)], ["--analyze", "dinov2_vits14", "--weights", str(tmp_path / "weights.pth")],
+                 ["--analyze", str(tmp_path / "weights.pth")], TINY + ["--out-dir", str(run), "--resume"]):
+        with pytest.raises(SystemExit) as e:
+            m.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "more than tensors" in err and "Traceback" not in err, argv
+    assert not marker.exists()
+
+
+def test_downloads_and_pickled_data_are_checked_against_published_md5s(tmp_path, monkeypatch):
+    import hashlib
+    import torchvision.datasets.utils as tvu
+    f = tmp_path / "small.bin"
+    f.write_bytes(b"dinov3-mini")
+    m.check_md5(str(f), hashlib.md5(b"dinov3-mini").hexdigest())  # the right checksum passes
+    with pytest.raises(m.DataUnavailable, match="published MD5"):
+        m.check_md5(str(f), "0" * 32)
+    seen = {}
+
+    def fake_download(url, download_root, md5=None):
+        seen[url] = md5
+        raise OSError("offline")
+    monkeypatch.setattr(tvu, "download_and_extract_archive", fake_download)
+    with pytest.raises(m.DataUnavailable):
+        m._read_cifar(str(tmp_path), "cifar10")
+    assert seen == {"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a"}
+    # a batch file replaced by a pickle that carries code is refused before it is unpickled
+    marker = tmp_path / "the_pickle_ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.mkdir, (str(marker),)
+    _fake_cifar(str(tmp_path / "c"), "cifar10", monkeypatch)
+    with open(tmp_path / "c" / "cifar-10-batches-py" / "data_batch_1", "wb") as fh:
+        pickle.dump(Payload(), fh)
+    with pytest.raises(m.DataUnavailable, match="data_batch_1 does not have the published MD5"):
+        m._read_cifar(str(tmp_path / "c"), "cifar10")
+    assert not marker.exists()

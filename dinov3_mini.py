@@ -1181,8 +1181,8 @@ def gram_ramp(it, sched, args):
     start = args.gram_start * spe
     if it < start:
         return 0.0
-    ramp = max(1, round(args.gram_ramp_epochs * spe))
-    return 0.5 * (1 - math.cos(math.pi * min(1.0, (it - start) / ramp)))
+    ramp = max(2, round(args.gram_ramp_epochs * spe))  # iterations; the cosine's last one reaches 1
+    return 0.5 * (1 - math.cos(math.pi * min(1.0, (it - start) / (ramp - 1))))
 
 
 def gram_weight(it, sched, args):

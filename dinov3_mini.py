@@ -76,8 +76,15 @@ PRESETS = {
 DATASETS = ("scenes", "cifar10", "cifar100", "stl10", "imagenette", "folder")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but an error is one line and a pointer to --help instead of the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         "dinov3_mini", description="DINOv3 in one file: registers, RoPE, DINO + iBOT + KoLeo + Gram anchoring.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -1193,8 +1200,9 @@ class Stop:
         self.pending = signum
 
 
-def train(args):
-    """Train; returns the summary dict (also written to --out-dir/summary.json)."""
+def train(args, t_start=None):
+    """Train; returns the summary dict (also written to --out-dir/summary.json). wall_s counts from t_start
+    (main passes its own start, so the setup is included), else from the start of the loop."""
     # ---- device, distributed, seeds: handled once, here
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = pick_device(args.device)
@@ -1211,7 +1219,6 @@ def train(args):
     master = rank == 0
     print0(f"device: {device}" + (f" x {world} processes" if ddp else ""))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()  # bf16: GPU only
-    os.makedirs(args.out_dir, exist_ok=True)
     ck_path = os.path.join(args.out_dir, "checkpoint.pt")
     log_path = os.path.join(args.out_dir, "log.jsonl")
 
@@ -1255,8 +1262,6 @@ def train(args):
         gen.set_state(ck["gen_state"])
         torch.set_rng_state(ck["rng_state"])
         print0(f"resumed from {ck_path} at step {start_step} (epoch {start_step // steps_per_epoch})")
-    elif master:
-        open(log_path, "w").close()
     if args.gram and args.gram_teacher and gram_teacher is None:
         gram_teacher = make_gram_teacher(teacher.backbone)
         try:
@@ -1286,7 +1291,9 @@ def train(args):
 
     stop = Stop()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    log = open(log_path, "a") if master else None
+    if master:  # the out-dir is written from here on, not before: a failed or interrupted setup leaves nothing
+        os.makedirs(args.out_dir, exist_ok=True)
+    log = open(log_path, "a" if args.resume else "w") if master else None
     bar = None
     if master and not args.no_progress:
         from tqdm import tqdm
@@ -1373,8 +1380,8 @@ def train(args):
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                 if bar is not None:
-                    bar.set_postfix({k: rec[k] for k in ("loss", "dino", "ibot", "koleo", "gram", "lr", "img_per_s")
-                                     if k in rec}, refresh=False)
+                    bar.set_postfix({k.replace("_over_lnK", "/lnK"): rec[k] for k in ("loss", "dino_over_lnK", "ibot",
+                                     "koleo", "gram", "lr", "img_per_s") if k in rec}, refresh=False)
             if bar is not None:
                 bar.update(1)
             if epoch_end and ((step // steps_per_epoch) % args.eval_every == 0 or step == total_steps):
@@ -1410,7 +1417,7 @@ def train(args):
         knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)["cls"]
     summary = {"knn_acc": knn_acc, **baselines,
                "images_per_s": round((step - start_step) * args.batch_size / max(train_time, 1e-9), 1),
-               "wall_s": round(time.time() - t0, 1), "device": str(device), "steps": step, "config": vars(args)}
+               "wall_s": round(time.time() - (t_start or t0), 1), "device": str(device), "steps": step, "config": vars(args)}
     if master:
         with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -2026,7 +2033,20 @@ def eval_instruments(backbone, x_test, y_test, test_masks, args, device):
 # 10. Command line
 # -----------------------------------------------------------------------------------------------
 
+def finished_run(out_dir, args):
+    """The summary of the finished run in out_dir if its checkpoint is that run's last step and --epochs asks
+    for no more; else None. (summary.json is written only when a run ends.)"""
+    path = os.path.join(out_dir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    done = summary.get("steps") == load_checkpoint(os.path.join(out_dir, "checkpoint.pt"), args)["step"]
+    return summary if done and args.epochs <= summary["config"]["epochs"] else None
+
+
 def main(argv=None):
+    t_start = time.time()  # the reported wall time is what the user waited: setup, training, evaluation
     parser = get_args_parser()
     args = parse_args(parser, argv)
     if args.benchmark:
@@ -2048,7 +2068,16 @@ def main(argv=None):
     if args.resume and not os.path.exists(ck):
         parser.error(f"--resume: there is no checkpoint.pt in {args.out_dir} to continue from.")
     try:
-        return train(args)
+        done = finished_run(args.out_dir, args) if args.resume else None
+        if done is not None:
+            print(f"{args.out_dir} holds a complete run ({done['config']['epochs']} epochs, step {done['steps']}, "
+                  f"k-NN accuracy {done['knn_acc']:.4f}); nothing was changed. To train it further, raise --epochs "
+                  f"above {done['config']['epochs']} and --resume again.")
+            return done
+        return train(args, t_start)
+    except KeyboardInterrupt:  # during setup (the training loop itself saves and exits on Ctrl-C)
+        print(f"interrupted before the first training step; nothing was written to {args.out_dir}.", file=sys.stderr)
+        sys.exit(130)
     except DataUnavailable as e:
         print(f"error: the {args.dataset} data could not be loaded: {e}. This machine may have no network. "
               f"`--dataset scenes` is built in and needs no download; or point --data-dir at an existing copy "

@@ -58,17 +58,17 @@ MODELS = {
     "small": dict(dim=384, depth=12, heads=6, head_hidden=2048, prototypes=4096),
     "base": dict(dim=768, depth=12, heads=12, head_hidden=2048, prototypes=4096),
 }
-# Experiment presets (issue 5's two failures at small scale): named flag sets, filled in before the
-# other defaults; a flag given on the command line still wins. Measured results: README "Results".
+# Experiment presets (the two failures at small scale): named flag sets, filled in before the
+# other defaults; a flag given on the command line still wins. Measured results: docs/results.md.
 PRESETS = {
     # storage: the default run (10k scenes, 3 epochs, about 10 CPU minutes) as a plain ViT without registers,
     # its instruments logged every epoch; add `--registers 4` (or 1, 2) for the fix, `--seed` for spread.
     # Artifacts are tokens the blocks have written several times their embedding's norm into; with the
     # nano defaults (LayerScale 0.1) the blocks write about 2% of it in this budget, so here LayerScale is
-    # off, the lr 2.5x and layer decay off: the setting with the largest writes we measured (README "Results").
+    # off, the lr 2.5x and layer decay off: the setting with the largest writes found (docs/results.md).
     "artifacts": dict(registers=0, eval_every=1, layerscale=0.0, lr=1e-2, layer_decay=1.0),
     # signal: the same free-writing setting with the default 4 registers (so storage is not the question),
-    # where the patches' similarity maps lose a little locality over training (measured in README "Results").
+    # where the patches' similarity maps lose a little locality over training (docs/results.md).
     # Add `--gram --gram-teacher-epoch 1 --gram-start 1` for the fix (Gram teacher = the epoch-1 EMA teacher),
     # `--ibot-weight 0` for the global objective alone.
     "collapse": dict(layerscale=0.0, lr=1e-2, layer_decay=1.0, eval_every=1),
@@ -90,7 +90,7 @@ def get_args_parser():
     a = p.add_argument
     a("--preset", default=None, choices=list(PRESETS), help="A named flag set for the two failure modes. "
       "artifacts: 0 registers, LayerScale off, lr 1e-2, no layer decay, instruments every epoch; collapse: the "
-      "same with 4 registers (add --gram ...). Flags given explicitly override it. See README \"Results\".")
+      "same with 4 registers (add --gram ...). Flags given explicitly override it. See docs/results.md.")
     # data
     a("--dataset", default="scenes", choices=DATASETS, help="`scenes` is built in and needs no download; "
       "the others download into --data-dir on first use (`folder`: any folder of class subfolders).")

@@ -570,7 +570,7 @@ def test_presets_fill_defaults_and_explicit_flags_win():
 
 def test_results_script_reuses_same_config_and_refuses_another(tmp_path, capsys):
     sys.path.insert(0, os.path.join(HERE, "bench"))
-    import results  # bench/results.py: issue 5's experiments
+    import results  # bench/results.py: the experiments of docs/results.md
     flags = [f for f in TINY if f not in ("--no-progress",)] + ["--epochs", "1", "--analyze-images", "32"]
     out, summary, cmd = results.run("r", flags, str(tmp_path))
     assert cmd.startswith("python dinov3_mini.py --dim 32") and os.path.exists(os.path.join(out, "checkpoint.pt"))

@@ -83,21 +83,36 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: ...)" as it would be typed, only where the text does not give the default itself."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or isinstance(d, bool) or d is argparse.SUPPRESS or "Default" in action.help:
+            return action.help
+        return f"{action.help} (default: {' '.join(map(str, d)) if isinstance(d, (tuple, list)) else d})"
+
+
 def get_args_parser():
     p = ArgumentParser(
         "dinov3_mini", description="DINOv3 in one file: registers, RoPE, DINO + iBOT + KoLeo + Gram anchoring.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+        usage="python dinov3_mini.py [options]", formatter_class=HelpFormatter)
+    group = {name: p.add_argument_group(name) for name in (
+        "model", "data", "augmentation", "recipe and losses", "Gram anchoring", "schedule and optimiser",
+        "run and output", "modes (instead of training)")}
+    a = group["recipe and losses"].add_argument
     a("--preset", default=None, choices=list(PRESETS), help="A named flag set for the two failure modes. "
       "artifacts: 0 registers, LayerScale off, lr 1e-2, no layer decay, instruments every epoch; collapse: the "
       "same with 4 registers (add --gram ...). Flags given explicitly override it. See docs/results.md.")
     # data
+    a = group["data"].add_argument
     a("--dataset", default="scenes", choices=DATASETS, help="`scenes` is built in and needs no download; "
       "the others download into --data-dir on first use (`folder`: any folder of class subfolders).")
     a("--data-dir", default="./data", help="Where datasets live or are downloaded to; point it at an existing "
       "copy to skip the download (for `folder`: the folder itself, optionally with train/ and val/).")
     a("--image-size", type=int, default=None, help="Global crop size in pixels (reference 224). Default: the "
       "dataset's native size (scenes 32, CIFAR 32, STL-10 96, Imagenette 64). Must be divisible by --patch-size.")
+    a = group["augmentation"].add_argument
     a("--local-size", type=int, default=None, help="Local crop size (reference 96 for 224 globals). Default: "
       "half of --image-size, rounded to the patch size. Must be smaller than --image-size.")
     a("--local-crops", type=int, default=6, help="Number of local crops (reference 8). Each adds a short student "
@@ -106,9 +121,11 @@ def get_args_parser():
       "0.32 1.0). A lower minimum makes the task harder and the invariance stronger.")
     a("--local-scale", type=float, nargs=2, default=(0.05, 0.32), help="Area range of local crops (reference "
       "0.05 0.32). Above ~0.4 local and global views overlap so much that the task becomes trivial.")
+    a = group["data"].add_argument
     a("--num-images", type=int, default=None, help="Cap the training set for quick runs (scenes has 10000).")
     a("--workers", type=int, default=4, help="Threads used to decode image files for `folder`/`imagenette`.")
     # model
+    a = group["model"].add_argument
     a("--model", default="nano", choices=list(MODELS), help="Preset: nano (64-d, 6 layers, 2 heads; CPU), "
       "tiny (192-d, 12 layers, 3 heads), small (384-d, 12, 6), base (768-d, 12, 12).")
     a("--dim", type=int, default=None, help="Override the preset's width.")
@@ -131,6 +148,7 @@ def get_args_parser():
     a("--rope-jitter", type=float, default=1.0, help="Train-time per-axis RoPE scale jitter, log-uniform in "
       "[1/x, x] (off = 1, as in the released config).")
     # heads and losses
+    a = group["recipe and losses"].add_argument
     a("--prototypes", type=int, default=None, help="K, the number of prototypes of both heads (reference "
       "65536 on ImageNet; here 4096, nano 1024). Small data converges faster with 1k-8k; too few caps what the "
       "features can separate.")
@@ -151,6 +169,7 @@ def get_args_parser():
       "crops (reference 0.1 0.5).")
     a("--mask-prob", type=float, default=0.5, help="Fraction of global crops that are masked (reference 0.5).")
     # Gram anchoring
+    a = group["Gram anchoring"].add_argument
     a("--gram", action="store_true", help="Turn on Gram anchoring (DINOv3 Sec. 4): match the patch-similarity "
       "structure of a frozen earlier teacher.")
     a("--gram-weight", type=float, default=2.0, help="Gram loss weight (reference 2.0), ramped in by a cosine.")
@@ -167,6 +186,7 @@ def get_args_parser():
     a("--gram-hires", action="store_true", help="Give the Gram teacher the same crop at 2x resolution without "
       "colour distortion, and bicubic-downsample its patch features to the student's grid (DINOv3 Sec. 4.3).")
     # optimisation
+    a = group["schedule and optimiser"].add_argument
     a("--epochs", type=int, default=3, help="Training epochs (reference 100 on ImageNet-scale data). The two "
       "failure modes need long runs; the default is sized for a 10-minute CPU demo.")
     a("--batch-size", type=int, default=64, help="Global batch size (reference 1024+); the lr scales with "
@@ -186,6 +206,7 @@ def get_args_parser():
     a("--freeze-last-layer-epochs", type=int, default=1, help="Epochs during which the prototypes are frozen "
       "(reference 1), a stabiliser from DINO.")
     # run
+    a = group["run and output"].add_argument
     a("--eval-every", type=int, default=4, help="Run k-NN every this many epochs (and always at the end).")
     a("--knn-k", type=int, default=20, help="k of the weighted k-NN (reference 20).")
     a("--knn-temp", type=float, default=0.07, help="Temperature of the k-NN vote weights (reference 0.07).")
@@ -200,6 +221,7 @@ def get_args_parser():
     a("--analyze-images", type=int, default=1000, help="Test images the instruments read, at each evaluation "
       "and in --analyze (half train the dense probe, half score it).")
     # analysis commands (no training)
+    a = group["modes (instead of training)"].add_argument
     a("--analyze", metavar="RUN_DIR_OR_CHECKPOINT", default=None, help="Instead of training: measure a trained "
       "teacher (token norms and outliers, attention, PCA/similarity maps, dense probe) and write analysis/*.png "
       "and analysis/metrics.json next to its checkpoint.")

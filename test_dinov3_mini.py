@@ -478,6 +478,16 @@ def test_command_line_errors(argv, words, tmp_path):
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
 
 
+def test_help_is_grouped_and_prints_real_defaults():
+    text = m.get_args_parser().format_help()
+    for group in ("model:", "data:", "augmentation:", "recipe and losses:", "Gram anchoring:",
+                  "schedule and optimiser:", "run and output:", "modes (instead of training):"):
+        assert "\n" + group in text, group
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: 0.32 1.0)" in text and "(default: 64)" in text  # as typed on the command line
+    assert "30% of" in text  # a default that depends on other flags is named in the text, not as None
+
+
 def test_argument_error_is_one_line_pointing_to_help(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "dinov3_mini.py"), "--registers", "-1"],
                        capture_output=True, text=True, cwd=str(tmp_path))

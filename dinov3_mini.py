@@ -1439,7 +1439,8 @@ def train(args, t_start=None):
         knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)["cls"]
     summary = {"knn_acc": knn_acc, **baselines,
                "images_per_s": round((step - start_step) * args.batch_size / max(train_time, 1e-9), 1),
-               "wall_s": round(time.time() - (t_start or t0), 1), "device": str(device), "steps": step, "config": vars(args)}
+               "wall_s": round(time.time() - (t_start or t0), 1), "device": str(device), "steps": step,
+               "config": vars(args)}
     if master:
         with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -511,7 +511,8 @@ def test_ctrl_c_during_setup_exits_130_in_one_line_and_writes_nothing(tmp_path, 
     with pytest.raises(SystemExit) as e:
         m.main(TINY + ["--out-dir", str(out), "--overwrite"])
     assert e.value.code == 130 and (out / "log.jsonl").read_text() == "old log\n"
-    assert (out / "checkpoint.pt").read_bytes() == b"old run" and sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]
+    assert (out / "checkpoint.pt").read_bytes() == b"old run"
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]
 
 
 @pytest.mark.parametrize("case", ["offline", "bad_folder", "batch_too_large"])

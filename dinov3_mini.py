@@ -57,17 +57,17 @@ MODELS = {
     "small": dict(dim=384, depth=12, heads=6, head_hidden=2048, prototypes=4096),
     "base": dict(dim=768, depth=12, heads=12, head_hidden=2048, prototypes=4096),
 }
-# Experiment presets (issue 5's two failures at small scale): named flag sets, filled in before the
-# other defaults; a flag given on the command line still wins. Measured results: README "Results".
+# Experiment presets (the two failures at small scale): named flag sets, filled in before the
+# other defaults; a flag given on the command line still wins. Measured results: docs/results.md.
 PRESETS = {
     # storage: the default run (10k scenes, 3 epochs, about 10 CPU minutes) as a plain ViT without registers,
     # its instruments logged every epoch; add `--registers 4` (or 1, 2) for the fix, `--seed` for spread.
     # Artifacts are tokens the blocks have written several times their embedding's norm into; with the
     # nano defaults (LayerScale 0.1) the blocks write about 2% of it in this budget, so here LayerScale is
-    # off, the lr 2.5x and layer decay off: the setting with the largest writes we measured (README "Results").
+    # off, the lr 2.5x and layer decay off: the setting with the largest writes found (docs/results.md).
     "artifacts": dict(registers=0, eval_every=1, layerscale=0.0, lr=1e-2, layer_decay=1.0),
     # signal: the same free-writing setting with the default 4 registers (so storage is not the question),
-    # where the patches' similarity maps lose a little locality over training (measured in README "Results").
+    # where the patches' similarity maps lose a little locality over training (docs/results.md).
     # Add `--gram --gram-teacher-epoch 1 --gram-start 1` for the fix (Gram teacher = the epoch-1 EMA teacher),
     # `--ibot-weight 0` for the global objective alone.
     "collapse": dict(layerscale=0.0, lr=1e-2, layer_decay=1.0, eval_every=1),
@@ -75,21 +75,43 @@ PRESETS = {
 DATASETS = ("scenes", "cifar10", "cifar100", "stl10", "imagenette", "folder")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but an error is one line and a pointer to --help instead of the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: ...)" as it would be typed, only where the text does not give the default itself."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or isinstance(d, bool) or d is argparse.SUPPRESS or "Default" in action.help:
+            return action.help
+        return f"{action.help} (default: {' '.join(map(str, d)) if isinstance(d, (tuple, list)) else d})"
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         "dinov3_mini", description="DINOv3 in one file: registers, RoPE, DINO + iBOT + KoLeo + Gram anchoring.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+        usage="python dinov3_mini.py [options]", formatter_class=HelpFormatter)
+    group = {name: p.add_argument_group(name) for name in (
+        "model", "data", "augmentation", "recipe and losses", "Gram anchoring", "schedule and optimiser",
+        "run and output", "modes (instead of training)")}
+    a = group["recipe and losses"].add_argument
     a("--preset", default=None, choices=list(PRESETS), help="A named flag set for the two failure modes. "
       "artifacts: 0 registers, LayerScale off, lr 1e-2, no layer decay, instruments every epoch; collapse: the "
-      "same with 4 registers (add --gram ...). Flags given explicitly override it. See README \"Results\".")
+      "same with 4 registers (add --gram ...). Flags given explicitly override it. See docs/results.md.")
     # data
+    a = group["data"].add_argument
     a("--dataset", default="scenes", choices=DATASETS, help="`scenes` is built in and needs no download; "
       "the others download into --data-dir on first use (`folder`: any folder of class subfolders).")
     a("--data-dir", default="./data", help="Where datasets live or are downloaded to; point it at an existing "
       "copy to skip the download (for `folder`: the folder itself, optionally with train/ and val/).")
     a("--image-size", type=int, default=None, help="Global crop size in pixels (reference 224). Default: the "
       "dataset's native size (scenes 32, CIFAR 32, STL-10 96, Imagenette 64). Must be divisible by --patch-size.")
+    a = group["augmentation"].add_argument
     a("--local-size", type=int, default=None, help="Local crop size (reference 96 for 224 globals). Default: "
       "half of --image-size, rounded to the patch size. Must be smaller than --image-size.")
     a("--local-crops", type=int, default=6, help="Number of local crops (reference 8). Each adds a short student "
@@ -98,9 +120,11 @@ def get_args_parser():
       "0.32 1.0). A lower minimum makes the task harder and the invariance stronger.")
     a("--local-scale", type=float, nargs=2, default=(0.05, 0.32), help="Area range of local crops (reference "
       "0.05 0.32). Above ~0.4 local and global views overlap so much that the task becomes trivial.")
+    a = group["data"].add_argument
     a("--num-images", type=int, default=None, help="Cap the training set for quick runs (scenes has 10000).")
     a("--workers", type=int, default=4, help="Threads used to decode image files for `folder`/`imagenette`.")
     # model
+    a = group["model"].add_argument
     a("--model", default="nano", choices=list(MODELS), help="Preset: nano (64-d, 6 layers, 2 heads; CPU), "
       "tiny (192-d, 12 layers, 3 heads), small (384-d, 12, 6), base (768-d, 12, 12).")
     a("--dim", type=int, default=None, help="Override the preset's width.")
@@ -123,6 +147,7 @@ def get_args_parser():
     a("--rope-jitter", type=float, default=1.0, help="Train-time per-axis RoPE scale jitter, log-uniform in "
       "[1/x, x] (off = 1, as in the released config).")
     # heads and losses
+    a = group["recipe and losses"].add_argument
     a("--prototypes", type=int, default=None, help="K, the number of prototypes of both heads (reference "
       "65536 on ImageNet; here 4096, nano 1024). Small data converges faster with 1k-8k; too few caps what the "
       "features can separate.")
@@ -147,6 +172,7 @@ def get_args_parser():
       "crops (reference 0.1 0.5).")
     a("--mask-prob", type=float, default=0.5, help="Fraction of global crops that are masked (reference 0.5).")
     # Gram anchoring
+    a = group["Gram anchoring"].add_argument
     a("--gram", action="store_true", help="Turn on Gram anchoring (DINOv3 Sec. 4): match the patch-similarity "
       "structure of a frozen earlier teacher.")
     a("--gram-weight", type=float, default=2.0, help="Gram loss weight (reference 2.0), ramped in by a cosine.")
@@ -171,6 +197,7 @@ def get_args_parser():
     a("--gram-hires", action="store_true", help="Give the Gram teacher the same crop at 2x resolution without "
       "colour distortion, and bicubic-downsample its patch features to the student's grid (DINOv3 Sec. 4.3).")
     # optimisation
+    a = group["schedule and optimiser"].add_argument
     a("--epochs", type=int, default=3, help="Training epochs (reference 100 on ImageNet-scale data). The two "
       "failure modes need long runs; the default is sized for a 10-minute CPU demo.")
     a("--batch-size", type=int, default=64, help="Global batch size (reference 1024+); the lr scales with "
@@ -190,6 +217,7 @@ def get_args_parser():
     a("--freeze-last-layer-epochs", type=int, default=1, help="Epochs during which the prototypes are frozen "
       "(reference 1), a stabiliser from DINO.")
     # run
+    a = group["run and output"].add_argument
     a("--eval-every", type=int, default=4, help="Run k-NN every this many epochs (and always at the end).")
     a("--knn-k", type=int, default=20, help="k of the weighted k-NN (reference 20).")
     a("--knn-temp", type=float, default=0.07, help="Temperature of the k-NN vote weights (reference 0.07).")
@@ -204,6 +232,7 @@ def get_args_parser():
     a("--analyze-images", type=int, default=1000, help="Test images the instruments read, at each evaluation "
       "and in --analyze (half train the dense probe, half score it).")
     # analysis commands (no training)
+    a = group["modes (instead of training)"].add_argument
     a("--analyze", metavar="RUN_DIR_OR_CHECKPOINT", default=None, help="Instead of training: measure a trained "
       "teacher (token norms and outliers, attention, PCA/similarity maps, dense probe) and write analysis/*.png "
       "and analysis/metrics.json next to its checkpoint.")
@@ -1266,8 +1295,9 @@ class Stop:
         self.pending = signum
 
 
-def train(args):
-    """Train; returns the summary dict (also written to --out-dir/summary.json)."""
+def train(args, t_start=None):
+    """Train; returns the summary dict (also written to --out-dir/summary.json). wall_s counts from t_start
+    (main passes its own start, so the setup is included), else from the start of the loop."""
     # ---- device, distributed, seeds: handled once, here
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = pick_device(args.device)
@@ -1284,7 +1314,6 @@ def train(args):
     master = rank == 0
     print0(f"device: {device}" + (f" x {world} processes" if ddp else ""))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()  # bf16: GPU only
-    os.makedirs(args.out_dir, exist_ok=True)
     ck_path = os.path.join(args.out_dir, "checkpoint.pt")
     log_path = os.path.join(args.out_dir, "log.jsonl")
 
@@ -1329,8 +1358,6 @@ def train(args):
         gen.set_state(ck["gen_state"])
         torch.set_rng_state(ck["rng_state"])
         print0(f"resumed from {ck_path} at step {start_step} (epoch {start_step // steps_per_epoch})")
-    elif master:
-        open(log_path, "w").close()
     if args.gram and args.gram_teacher and gram_teacher is None:
         gram_teacher = make_gram_teacher(teacher.backbone)
         try:  # the local-crop norm (--untie-local-norm) is never used by a Gram teacher, so it may be absent
@@ -1363,7 +1390,9 @@ def train(args):
 
     stop = Stop()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    log = open(log_path, "a") if master else None
+    if master:  # the out-dir is written from here on, not before: a failed or interrupted setup leaves nothing
+        os.makedirs(args.out_dir, exist_ok=True)
+    log = open(log_path, "a" if args.resume else "w") if master else None
     bar = None
     if master and not args.no_progress:
         from tqdm import tqdm
@@ -1451,8 +1480,8 @@ def train(args):
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                 if bar is not None:
-                    bar.set_postfix({k: rec[k] for k in ("loss", "dino", "ibot", "koleo", "gram", "lr", "img_per_s")
-                                     if k in rec}, refresh=False)
+                    bar.set_postfix({k.replace("_over_lnK", "/lnK"): rec[k] for k in ("loss", "dino_over_lnK", "ibot",
+                                     "koleo", "gram", "lr", "img_per_s") if k in rec}, refresh=False)
             if bar is not None:
                 bar.update(1)
             if epoch_end and ((step // steps_per_epoch) % args.eval_every == 0 or step == total_steps):
@@ -1488,7 +1517,8 @@ def train(args):
         knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)["cls"]
     summary = {"knn_acc": knn_acc, **baselines,
                "images_per_s": round((step - start_step) * args.batch_size / max(train_time, 1e-9), 1),
-               "wall_s": round(time.time() - t0, 1), "device": str(device), "steps": step, "config": vars(args)}
+               "wall_s": round(time.time() - (t_start or t0), 1), "device": str(device), "steps": step,
+               "config": vars(args)}
     if master:
         with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -2104,7 +2134,20 @@ def eval_instruments(backbone, x_test, y_test, test_masks, args, device):
 # 10. Command line
 # -----------------------------------------------------------------------------------------------
 
+def finished_run(out_dir, args):
+    """The summary of the finished run in out_dir if its checkpoint is that run's last step and --epochs asks
+    for no more; else None. (summary.json is written only when a run ends.)"""
+    path = os.path.join(out_dir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    done = summary.get("steps") == load_checkpoint(os.path.join(out_dir, "checkpoint.pt"), args)["step"]
+    return summary if done and args.epochs <= summary["config"]["epochs"] else None
+
+
 def main(argv=None):
+    t_start = time.time()  # the reported wall time is what the user waited: setup, training, evaluation
     parser = get_args_parser()
     args = parse_args(parser, argv)
     if args.benchmark:
@@ -2126,7 +2169,16 @@ def main(argv=None):
     if args.resume and not os.path.exists(ck):
         parser.error(f"--resume: there is no checkpoint.pt in {args.out_dir} to continue from.")
     try:
-        return train(args)
+        done = finished_run(args.out_dir, args) if args.resume else None
+        if done is not None:
+            print(f"{args.out_dir} holds a complete run ({done['config']['epochs']} epochs, step {done['steps']}, "
+                  f"k-NN accuracy {done['knn_acc']:.4f}); nothing was changed. To train it further, raise --epochs "
+                  f"above {done['config']['epochs']} and --resume again.")
+            return done
+        return train(args, t_start)
+    except KeyboardInterrupt:  # during setup (the training loop itself saves and exits on Ctrl-C)
+        print(f"interrupted before the first training step; nothing was written to {args.out_dir}.", file=sys.stderr)
+        sys.exit(130)
     except DataUnavailable as e:
         print(f"error: the {args.dataset} data could not be loaded: {e}. This machine may have no network. "
               f"`--dataset scenes` is built in and needs no download; or point --data-dir at an existing copy "

@@ -676,6 +676,93 @@ def test_command_line_errors(argv, words, tmp_path):
     assert r.returncode == 2 and words in r.stderr and "Traceback" not in r.stderr
 
 
+def test_help_is_grouped_and_prints_real_defaults():
+    text = m.get_args_parser().format_help()
+    for group in ("model:", "data:", "augmentation:", "recipe and losses:", "Gram anchoring:",
+                  "schedule and optimiser:", "run and output:", "modes (instead of training):"):
+        assert "\n" + group in text, group
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: 0.32 1.0)" in text and "(default: 64)" in text  # as typed on the command line
+    assert "30% of" in text  # a default that depends on other flags is named in the text, not as None
+
+
+def test_argument_error_is_one_line_pointing_to_help(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "dinov3_mini.py"), "--registers", "-1"],
+                       capture_output=True, text=True, cwd=str(tmp_path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--registers must be 0 or more" in r.stderr and "see --help" in r.stderr and "usage:" not in r.stderr
+
+
+def test_ctrl_c_during_setup_exits_130_in_one_line_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):  # Ctrl-C while the baselines are computed, before the first step
+        raise KeyboardInterrupt
+    monkeypatch.setattr(m, "knn_raw_pixels", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        m.main(TINY + ["--out-dir", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.count("\n") == 1 and "nothing was written" in err, err
+    assert not out.exists()
+    out.mkdir()  # over an existing run with --overwrite: the old files stay exactly as they were
+    (out / "checkpoint.pt").write_bytes(b"old run")
+    (out / "log.jsonl").write_text("old log\n")
+    with pytest.raises(SystemExit) as e:
+        m.main(TINY + ["--out-dir", str(out), "--overwrite"])
+    assert e.value.code == 130 and (out / "log.jsonl").read_text() == "old log\n"
+    assert (out / "checkpoint.pt").read_bytes() == b"old run"
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl"]
+
+
+@pytest.mark.parametrize("case", ["offline", "bad_folder", "batch_too_large"])
+def test_run_failing_before_training_leaves_no_out_dir(tmp_path, capsys, monkeypatch, case):
+    import torchvision.datasets.utils as tvu
+    monkeypatch.setattr(tvu, "download_and_extract_archive", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    flags = {"offline": ["--dataset", "cifar10", "--data-dir", str(tmp_path / "data")],
+             "bad_folder": ["--dataset", "folder", "--data-dir", str(tmp_path / "missing")],
+             "batch_too_large": TINY + ["--batch-size", "128"]}[case]
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        m.main(flags + ["--out-dir", str(out), "--no-progress"])
+    assert e.value.code in (1, 2) and "Traceback" not in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_resume_of_a_finished_run_changes_nothing_unless_epochs_are_raised(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = m.main(TINY + ["--epochs", "1", "--out-dir", str(out)])
+    files = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    capsys.readouterr()
+    again = m.main(TINY + ["--epochs", "1", "--out-dir", str(out), "--resume"])
+    assert "complete run" in capsys.readouterr().out and again == json.loads(json.dumps(first))
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == files  # not a byte changed
+    more = m.main(TINY + ["--epochs", "2", "--out-dir", str(out), "--resume"])  # --epochs raised: it trains on
+    assert more["steps"] == 2 * first["steps"] and more["images_per_s"] > 0
+    assert json.load(open(out / "summary.json"))["steps"] == more["steps"]
+
+
+def test_progress_bar_shows_dino_loss_as_a_fraction_of_ln_k(tmp_path, capsys):
+    out = tmp_path / "run"
+    m.main([f for f in TINY if f != "--no-progress"] + ["--epochs", "1", "--out-dir", str(out)])
+    bar = capsys.readouterr().err
+    last = [r for r in map(json.loads, open(out / "log.jsonl")) if r["type"] == "step"][-1]
+    assert f"dino/lnK={last['dino_over_lnK']:.3g}" in bar, bar[-400:]
+    assert last["dino_over_lnK"] == pytest.approx(last["dino"] / math.log(64), abs=1e-3)
+
+
+def test_reported_wall_time_includes_setup(tmp_path, monkeypatch):
+    import time
+    real = m.load_data
+
+    def slow_data(args):  # a setup that takes a noticeable time, as data loading and the baselines do
+        time.sleep(1.5)
+        return real(args)
+    monkeypatch.setattr(m, "load_data", slow_data)
+    t = time.time()
+    summary = m.main(TINY + ["--epochs", "1", "--out-dir", str(tmp_path / "run")])
+    waited = time.time() - t
+    assert waited - 0.3 <= summary["wall_s"] <= waited + 0.1
+
+
 def test_presets_fill_defaults_and_explicit_flags_win():
     plain = args_for()
     for name, flags in m.PRESETS.items():
@@ -692,7 +779,7 @@ def test_presets_fill_defaults_and_explicit_flags_win():
 
 def test_results_script_reuses_same_config_and_refuses_another(tmp_path, capsys):
     sys.path.insert(0, os.path.join(HERE, "bench"))
-    import results  # bench/results.py: issue 5's experiments
+    import results  # bench/results.py: the experiments of docs/results.md
     flags = [f for f in TINY if f not in ("--no-progress",)] + ["--epochs", "1", "--analyze-images", "32"]
     out, summary, cmd = results.run("r", flags, str(tmp_path))
     assert cmd.startswith("python dinov3_mini.py --dim 32") and os.path.exists(os.path.join(out, "checkpoint.pt"))

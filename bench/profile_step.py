@@ -1,6 +1,6 @@
 """Where one training step's time goes: a torch.profiler trace of the step, attributed to the parts of the model.
 
-    python bench/profile_step.py --model tiny --ibot-weight 0 --koleo-weight 0   # issue 4's DINO-only step
+    python bench/profile_step.py --model tiny --ibot-weight 0 --koleo-weight 0   # the DINO-only step of bench/README.md
     python bench/profile_step.py --model tiny --gram                             # the full recipe
     python bench/profile_step.py --compile ...                                   # the torch.compile'd step
     python bench/profile_step.py --steps 5 --top-ops 20 ...                      # more steps; the top 20 ops

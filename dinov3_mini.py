@@ -1373,9 +1373,10 @@ def train(args, t_start=None):
         print0("baselines: " + ", ".join(f"{k} {v:.3f}" for k, v in baselines.items()))
 
     model = student
-    if ddp:
+    if ddp:  # parameters without a gradient in some runs: the iBOT head at weight 0, an unused local norm
+        unused = args.ibot_weight == 0 or (args.untie_local_norm and args.local_crops == 0)
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
-                                                    else None, find_unused_parameters=args.ibot_weight == 0)
+                                                    else None, find_unused_parameters=unused)
     if args.compile:
         model, teacher_fwd = torch.compile(model), torch.compile(teacher)
     else:

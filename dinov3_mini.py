@@ -2269,7 +2269,8 @@ def released_state_dict(name, weights=None):
                          f"repository's README); then run: --analyze {name} --weights PATH/TO/{name}_pretrain.pth")
     if name not in DINOV2_NAMES:
         raise UsageError(f"--analyze {name}: no run folder, checkpoint or weights file of that name, and not a released "
-                         f"model this file can load ({', '.join(DINOV2_NAMES + DINOV3_NAMES)})")
+                         f"model this file can load ({', '.join(DINOV2_NAMES + DINOV3_NAMES)}; the SwiGLU ViT-g/14 "
+                         "and DINOv3's + and 7B models are left out)")
     a, reg = name.removesuffix("_reg"), name.endswith("_reg")
     url = DINOV2_URL.format(a=a, r="_reg4" if reg else "")
     try:

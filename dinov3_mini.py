@@ -2235,7 +2235,8 @@ def _released_vit(sd, heads, R, eps, **kw):
     depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
     hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D
     vit = ViT(image_size=224, patch_size=p, dim=D, depth=depth, heads=heads, num_registers=R, mlp_ratio=hidden / D,
-              layerscale=1.0 if "blocks.0.ls1.gamma" in sd else 0.0, untie_local_norm="local_cls_norm.weight" in sd, **kw)
+              layerscale=1.0 if "blocks.0.ls1.gamma" in sd else 0.0,
+              untie_local_norm="local_cls_norm.weight" in sd, **kw)
     for m in vit.modules():
         if isinstance(m, nn.LayerNorm):
             m.eps = eps
@@ -2250,7 +2251,8 @@ def load_released(state_dict):
         if "rope_embed.periods" in state_dict:
             return load_dinov3(state_dict)
     except KeyError as e:
-        raise CheckpointError(f"the weights lack the tensor {e}, which every released DINOv2/DINOv3 backbone has") from None
+        raise CheckpointError(f"the weights lack the tensor {e}, which every released DINOv2/DINOv3 backbone "
+                              "has") from None
     raise CheckpointError("the file is neither a run of this file nor a DINOv2/DINOv3 backbone state dict (it has "
                           "no pos_embed and no rope_embed.periods)")
 
@@ -2268,9 +2270,9 @@ def released_state_dict(name, weights=None):
         raise UsageError(f"the DINOv3 weights are downloaded after accepting Meta's licence form (see the dinov3 "
                          f"repository's README); then run: --analyze {name} --weights PATH/TO/{name}_pretrain.pth")
     if name not in DINOV2_NAMES:
-        raise UsageError(f"--analyze {name}: no run folder, checkpoint or weights file of that name, and not a released "
-                         f"model this file can load ({', '.join(DINOV2_NAMES + DINOV3_NAMES)}; the SwiGLU ViT-g/14 "
-                         "and DINOv3's + and 7B models are left out)")
+        raise UsageError(f"--analyze {name}: no run folder, checkpoint or weights file of that name, and not a "
+                         f"released model this file can load ({', '.join(DINOV2_NAMES + DINOV3_NAMES)}; the SwiGLU "
+                         "ViT-g/14 and DINOv3's + and 7B models are left out)")
     a, reg = name.removesuffix("_reg"), name.endswith("_reg")
     url = DINOV2_URL.format(a=a, r="_reg4" if reg else "")
     try:
@@ -2320,8 +2322,9 @@ def analyze_released(args, state_dict=None):
     metrics.update(model=tag, image_size=S, images=args.images or "grace_hopper.jpg (matplotlib)")
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    for k in ("outlier_fraction", "patch_norm_median", "patch_norm_max", "patch_norm_max_ratio", "patch_norm_bimodality",
-              "register_norm_mean", "outlier_cls_attention_share", "register_cls_attention_share", "patch_cls_cosine"):
+    for k in ("outlier_fraction", "patch_norm_median", "patch_norm_max", "patch_norm_max_ratio",
+              "patch_norm_bimodality", "register_norm_mean", "outlier_cls_attention_share",
+              "register_cls_attention_share", "patch_cls_cosine"):
         v = metrics.get(k)
         print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
     print(f"wrote {os.path.join(out_dir, 'metrics.json')} and {len(pics)} pictures in {out_dir}")

@@ -1149,8 +1149,9 @@ def _ref_forward(sd, x, heads, eps, R, pos=None, periods=None, masks=None):
 
 def _our_name(k):
     """The map the loaders must apply, written out independently: official name -> the file's ViT's name."""
-    for a, b in (("register_tokens", "registers"), ("storage_tokens", "registers"), ("patch_embed.proj.", "patch_embed."),
-                 (".mlp.fc1.", ".mlp.0."), (".mlp.fc2.", ".mlp.2."), ("local_cls_norm.", "local_norm.")):
+    for a, b in (("register_tokens", "registers"), ("storage_tokens", "registers"),
+                 ("patch_embed.proj.", "patch_embed."), (".mlp.fc1.", ".mlp.0."), (".mlp.fc2.", ".mlp.2."),
+                 ("local_cls_norm.", "local_norm.")):
         k = k.replace(a, b)
     return k
 
@@ -1248,7 +1249,8 @@ def test_matches_the_official_dinov2_and_dinov3_code_when_it_is_importable():
             x = torch.randn(2, 3, *size)
             with torch.no_grad():
                 a, b = ref.forward_features(x), vit(x)
-            for k, o in (("x_norm_clstoken", "cls"), ("x_norm_regtokens", "registers"), ("x_norm_patchtokens", "patches")):
+            for k, o in (("x_norm_clstoken", "cls"), ("x_norm_regtokens", "registers"),
+                         ("x_norm_patchtokens", "patches")):
                 if R or o != "registers":
                     assert_close(b[o], a[k], atol=1e-4)
     v3 = pytest.importorskip("dinov3.hub.backbones")

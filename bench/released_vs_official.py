@@ -80,7 +80,8 @@ def main():
                 o, m = ref.forward_features(x), vit(x)
             d = max(diff(o["x_norm_clstoken"], m["cls"]), diff(o["x_storage_tokens"], m["registers"]),
                     diff(o["x_norm_patchtokens"], m["patches"]))
-            print(f"dinov3_{name}     {size[0]}x{size[1]}: outputs {d:.1e} (largest {o['x_norm_patchtokens'].abs().max():.1f})")
+            big = o["x_norm_patchtokens"].abs().max()
+            print(f"dinov3_{name}     {size[0]}x{size[1]}: outputs {d:.1e} (largest {big:.1f})")
 
 
 if __name__ == "__main__":

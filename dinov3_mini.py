@@ -13,7 +13,8 @@ What is here, in the order the paper tells it:
   7. training    -- AdamW with the reference schedules, checkpoints, resume, logs
   8. evaluation  -- weighted k-NN on the teacher's CLS token, plus raw-pixel and random-init baselines
   9. analysis    -- the instruments: token norms and high-norm outliers, attention, PCA and similarity
-                    maps, dense probe, effective rank (`--analyze`, `--plot-log`)
+                    maps, dense probe, effective rank (`--analyze`, `--plot-log`); also on the released DINOv2
+                    (with and without registers) and DINOv3 weights, loaded into this file's ViT
  10. command line
 
 Papers: DINO (Caron et al. 2021, arXiv 2104.14294), iBOT (Zhou et al. 2021, arXiv 2111.07832),
@@ -309,6 +310,8 @@ def resolve_args(args, parser):
     if args.gram_local_weight < 0 or not 0 <= args.gram_momentum < 1:
         errors.append(f"--gram-local-weight must be 0 or more and --gram-momentum in [0, 1), got "
                       f"{args.gram_local_weight} and {args.gram_momentum}")
+    if (args.weights or args.images) and not args.analyze:
+        errors.append("--weights and --images go with --analyze NAME (a released model, e.g. dinov2_vitl14)")
     if args.num_images is not None and args.num_images <= 0:
         errors.append(f"--num-images must be positive, got {args.num_images}")
     if args.gram and args.gram_teacher is None and args.gram_teacher_epoch >= args.epochs:

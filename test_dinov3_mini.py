@@ -672,6 +672,7 @@ def test_resume_refuses_other_config_and_corrupt_checkpoint(tmp_path, capsys):
     (["--mask-prob", "1.5"], "--mask-prob must be a probability"),
     (["--global-scale", "0.5", "1.2"], "--global-scale"),
     (["--dataset", "mnist"], "invalid choice"),
+    (["--images", "photos"], "go with --analyze"),
 ])
 def test_command_line_errors(argv, words, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "dinov3_mini.py"), "--out-dir", str(tmp_path)] + argv,

@@ -715,7 +715,9 @@ def test_analyze_command_writes_pictures_and_every_metric(tmp_path, capsys):
 
 
 def test_benchmark_prints_table_and_json(capsys):
-    res = m.main(["--benchmark", "--dim", "32", "--depth", "2", "--heads", "2", "--head-hidden", "64",
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import benchmark  # bench/benchmark.py
+    res = benchmark.main(["--dim", "32", "--depth", "2", "--heads", "2", "--head-hidden", "64",
                   "--prototypes", "64", "--batch-size", "8", "--local-crops", "2", "--gram"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for k in ("train_img_per_s", "data_img_per_s", "flops_per_img", "achieved_tflops", "peak_tflops", "mfu",

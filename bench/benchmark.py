@@ -99,7 +99,7 @@ def make_step(args, device, compile_backend=None):
     return data, lambda *b: run(model, teacher_fwd, *b), lambda *b: run(student, teacher, *b)
 
 
-def benchmark(args, warmup=3, reps=10, compile_backend=None, quiet=False):
+def benchmark(args, warmup=3, reps=10, compile_backend=None, quiet=False, peak_n=None):
     """Time the full step, the model step on fixed crops and the data pipeline; count FLOPs; return a dict
     (also printed as a table and one JSON line unless quiet)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -136,7 +136,7 @@ def benchmark(args, warmup=3, reps=10, compile_backend=None, quiet=False):
         import resource
         peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = measure_matmul_peak(device, dtype)
+    peak = measure_matmul_peak(device, dtype, n=peak_n)
     achieved = flops_per_img * B / t_model / 1e12
     res = {"train_img_per_s": round(B / t_full, 2), "model_step_img_per_s": round(B / t_model, 2),
            "data_img_per_s": round(B / t_data, 1), "data_to_step_speed": round(t_full / t_data, 1),
@@ -175,12 +175,14 @@ def main(argv=None):
     parser.prog, parser.description = "bench/benchmark.py", __doc__.split("\n")[0]
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps before each timing.")
     parser.add_argument("--reps", type=int, default=10, help="Timed steps; the median is reported.")
+    parser.add_argument("--peak-n", type=int, default=None, help="Size of the matmuls that measure the peak "
+                        "(default 8192 on CUDA, 2048 elsewhere).")
     parser.add_argument("--compile-backend", default=None, help="torch.compile backend with --compile (default: "
                         "torch's, inductor; aot_eager traces without generating code).")
     args = dm.parse_args(parser, argv)
     if args.warmup < 1 or args.reps < 1:
         parser.error(f"--warmup and --reps must be at least 1, got {args.warmup} and {args.reps}.")
-    return benchmark(args, args.warmup, args.reps, args.compile_backend)
+    return benchmark(args, args.warmup, args.reps, args.compile_backend, peak_n=args.peak_n)
 
 
 if __name__ == "__main__":

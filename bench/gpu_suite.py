@@ -72,7 +72,7 @@ SMOKE = dict(models={"tiny": ["--model", "tiny"] + TOY, "small": ["--model", "sm
                                                                   "--heads", "3"] + TOY[6:]},
              sizes=(32,), batch=8, matmul_n=256, bench=(1, 2), compile_backend="eager", compile_cap_s=30.0, probe_k=(2,),
              probe_window=2.0, learn_images=128, fail_images=128, analyze_images=32, min_steps=8, eval_points=2,
-             pre4_share=0.5, reserve_s=12.0, grace_s=10.0, startup_s=6.0, safety=0.85, max_epochs=2)
+             pre4_share=0.5, reserve_s=25.0, grace_s=10.0, startup_s=6.0, safety=0.85, max_epochs=2)
 BASE_RUNS = 5  # (a), (b) x 2, (c) x 2
 
 
@@ -357,7 +357,7 @@ def probe_main(a):
     print(json.dumps({"img_per_s": n * args.batch_size / (time.time() - t), "steps": n}))
 
 
-def probe_concurrency(s, k, flags, threads):
+def probe_concurrency(s, k, flags, threads, wait_s=60.0):
     """k probe processes at once on the same device: their summed img/s over a common window."""
     d = tempfile.mkdtemp(prefix=f"probe{k}_", dir=s.work)
     go = os.path.join(d, "go")
@@ -370,7 +370,7 @@ def probe_concurrency(s, k, flags, threads):
                                       text=True))
     t_wait = time.time()
     while sum(os.path.exists(os.path.join(d, f"ready{i}")) for i in range(k)) < k:
-        if time.time() - t_wait > 90 or any(p.poll() is not None for p in procs):
+        if time.time() - t_wait > wait_s or any(p.poll() is not None for p in procs):
             break
         time.sleep(0.05)
     ready = sum(os.path.exists(os.path.join(d, f"ready{i}")) for i in range(k))
@@ -414,23 +414,27 @@ def measure_overheads(s, threads):
 
 
 def plan_run(s, name, flags, model, size, n_images, ips, T, over, min_epochs=1):
-    """Epochs and evaluation interval for a run that must end within T seconds at ips img/s."""
-    dims = {"tiny": 192, "small": 384}
-    dim_ratio = dims.get(model, 192) / 192
+    """Epochs and evaluation interval for a run that must end within T seconds at ips img/s: the most epochs whose
+    estimated time (start-up, data generation, the baselines and every evaluation, steps, a checkpoint per epoch)
+    fits in safety * T; evaluations every ceil(epochs / eval_points) epochs."""
+    dim_ratio = {"tiny": 1.0, "small": 2.0}.get(model, 1.0)
     per_1000 = over.get("data_s_per_1000_at_32px")
     gen = (per_1000 * (n_images + 2000) / 1000 * (size / 32) ** 2) if per_1000 else over.get("data_load_s", 10.0)
-    eval_s = over["eval_s_tiny"] * dim_ratio * (size / 32) ** 2  # dense probes scale with width, forwards with tokens
-    n_params = 34e6 * dim_ratio ** 2 if not s.a.smoke else 1e5
-    ckpt_s = 5 * n_params * 4 / 1e9  # student, teacher, AdamW's two moments, teacher backbone: ~1 GB/s to disk
+    eval_s = over["eval_s_tiny"] * dim_ratio * (size / 32) ** 2  # dense probes grow with width, forwards with tokens
+    n_params = (5.5e6 * dim_ratio ** 2 + 12.4e6) if not s.a.smoke else 1e5  # student: backbone + DINO and iBOT heads
+    ckpt_s = 5.5 * n_params * 4 / 1e9  # student, teacher, AdamW's two moments, teacher backbone, at ~1 GB/s
     B = s.cfg["batch"]
     steps_per_epoch = max(1, n_images // B)
     epoch_s = steps_per_epoch * B / max(ips, 1e-9) + ckpt_s
-    avail = s.cfg["safety"] * T - s.cfg["startup_s"] - gen - eval_s * (s.cfg["eval_points"] + 1)
-    epochs = max(min_epochs, int(avail // epoch_s))
-    if s.cfg["max_epochs"]:
-        epochs = min(epochs, s.cfg["max_epochs"])
-    every = max(1, math.ceil(epochs / s.cfg["eval_points"]))
-    est = s.cfg["startup_s"] + gen + eval_s * (math.ceil(epochs / every) + 1) + epochs * epoch_s
+
+    def estimate(epochs):
+        every = max(1, math.ceil(epochs / s.cfg["eval_points"]))
+        n_evals = math.ceil(epochs / every) + 1  # + the baselines at the start
+        return every, s.cfg["startup_s"] + gen + eval_s * n_evals + epochs * epoch_s
+    epochs = min_epochs
+    while estimate(epochs + 1)[1] <= s.cfg["safety"] * T and (not s.cfg["max_epochs"] or epochs < s.cfg["max_epochs"]):
+        epochs += 1
+    every, est = estimate(epochs)
     return {"name": name, "flags": flags + ["--num-images", str(n_images), "--epochs", str(epochs), "--eval-every",
                                             str(every), "--analyze-images", str(s.cfg["analyze_images"])],
             "model": model, "image_size": size, "epochs": epochs, "eval_every": every,
@@ -449,7 +453,10 @@ def part_learning(s):
     curve = {1: single.get("tiny@32")}
     over = None
     for k in cfg["probe_k"]:
-        r = probe_concurrency(s, k, pflags, max(1, ncpu // k))
+        if s.left(deadline) < 4 * (cfg["probe_window"] + cfg["startup_s"]):
+            s.log(f"   {k} concurrent runs: not probed (too little time left)")
+            continue
+        r = probe_concurrency(s, k, pflags, max(1, ncpu // k), wait_s=min(60.0, s.left(deadline) / 4))
         res.setdefault("concurrency", []).append(r)
         curve[k] = r["total_img_per_s"] if r["finished"] == k else None
         s.log(f"   {k} concurrent runs: {r['total_img_per_s']} img/s in all ({r['finished']}/{k} finished)")
@@ -460,7 +467,7 @@ def part_learning(s):
                 over = {"error": f"{type(e).__name__}: {e}", "data_s_per_1000_at_32px": 1.0, "eval_s_tiny": 15.0}
             s.log(f"   overheads: {over}")
     if curve[1] is None:
-        r = probe_concurrency(s, 1, pflags, ncpu)
+        r = probe_concurrency(s, 1, pflags, ncpu, wait_s=min(60.0, s.left(deadline) / 4))
         res.setdefault("concurrency", []).append(r)
         curve[1] = r["total_img_per_s"] or None
     known = {k: v for k, v in curve.items() if v}
@@ -477,6 +484,8 @@ def part_learning(s):
         if hi[0] == lo[0]:
             return lo[1] if k <= lo[0] else lo[1]  # beyond the last point: flat
         return lo[1] + (hi[1] - lo[1]) * (k - lo[0]) / (hi[0] - lo[0])
+    if over is None:
+        over = {"data_s_per_1000_at_32px": 1.0, "eval_s_tiny": 15.0, "note": "not measured: rough guesses"}
     share = total_at(n) / n / x1  # each run's speed at n concurrent runs, as a fraction of its speed alone
     res.update(concurrency_curve={str(k): v for k, v in curve.items()}, runs_at_once=n, speed_share=round(share, 3),
                overheads=over)
@@ -586,12 +595,18 @@ def launch_runs(s, plans, deadline, threads):
 
 # ---- part 5: summary -----------------------------------------------------------------------------
 
+_TEST = {}
+
+
 def storage_tokens(s, run_dir, n):
     """Norms of the final EMA teacher of a run on n test images: (metrics, patch/register/CLS norms, images)."""
     backbone, args, _ = dm.load_teacher(run_dir, s.device)
-    a2 = copy.copy(args)
-    a2.num_images = args.batch_size  # only the test split is needed
-    _, _, _, x_test, _, _ = dm.load_data(a2)
+    key = (args.dataset, args.image_size, args.seed)
+    if key not in _TEST:
+        a2 = copy.copy(args)
+        a2.num_images = args.batch_size  # only the test split is needed
+        _TEST[key] = dm.load_data(a2)[3]
+    x_test = _TEST[key]
     tok = dm.collect_tokens(backbone, x_test[:n], args.image_size, s.device)
     m, det = dm.analyze(tok, None, None)
     keep = ("outlier_fraction", "patch_norm_median", "patch_norm_max_ratio", "patch_norm_bimodality",
@@ -650,8 +665,9 @@ def part_summary(s):
             ax[0, j].legend(fontsize=7)
         final = {}
         for i, nm in enumerate(bnames):
-            if s.left() < 8:
-                break
+            if s.left() < 15:
+                final[nm] = {"skipped": "too little time left"}
+                continue
             try:
                 m, det, images, g = storage_tokens(s, runs[nm]["dir"], min(500, s.cfg["analyze_images"]))
             except Exception as e:

@@ -71,8 +71,8 @@ FULL = dict(models={"tiny": ["--model", "tiny"], "small": ["--model", "small"]},
 SMOKE = dict(models={"tiny": ["--model", "tiny"] + TOY, "small": ["--model", "small", "--dim", "48", "--depth", "2",
                                                                   "--heads", "3"] + TOY[6:]},
              sizes=(32,), batch=8, matmul_n=256, bench=(1, 2), compile_backend="eager", compile_cap_s=30.0, probe_k=(2,),
-             probe_window=2.0, learn_images=128, fail_images=128, analyze_images=32, min_steps=8, eval_points=2,
-             pre4_share=0.5, reserve_s=25.0, grace_s=10.0, startup_s=6.0, safety=0.85, max_epochs=2)
+             probe_window=1.5, learn_images=128, fail_images=128, analyze_images=32, min_steps=8, eval_points=2,
+             pre4_share=0.45, reserve_s=15.0, grace_s=8.0, startup_s=6.0, safety=0.85, max_epochs=2)
 BASE_RUNS = 5  # (a), (b) x 2, (c) x 2
 
 
@@ -238,7 +238,7 @@ def part_correctness(s):
         f"{k} {c['abs_diff']:.2g} (bound {c['bound']:.2g})" for k, c in r["checks"].items())
         + f"; grad cosine {r['grad_cosine']:.5f}; {'PASS' if r['ok'] else 'FAIL'}")
     # the compiled step: compile time (first warm-up step) and speed, in a subprocess with a hard timeout
-    est_part3 = 4 * (20 if not s.a.smoke else 15)
+    est_part3 = len(s.cfg["models"]) * len(s.cfg["sizes"]) * (20 if not s.a.smoke else 12)  # the eager benchmarks
     timeout = min(s.cfg["compile_cap_s"], s.left(s.pre4_deadline) - est_part3)
     res["compile"] = run_benchmark(s, "tiny", 32, compiled=True, timeout=timeout)
     return res
@@ -533,6 +533,8 @@ def launch_runs(s, plans, deadline, threads):
     (SIGTERM: the run finishes its step and saves; SIGKILL after the grace period), collect the logs."""
     procs = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    if s.device.type == "cuda":
+        torch.cuda.empty_cache()  # this process idles while the runs train: give back its cached memory
     for p in plans:
         d = os.path.join(s.work, p["name"])
         os.makedirs(d, exist_ok=True)
@@ -581,9 +583,15 @@ def launch_runs(s, plans, deadline, threads):
         r["steps_done"] = st[-1]["step"] if st else 0
         r["alarms"] = [x["message"] for x in recs if x.get("type") == "alarm"]
         txt = open(os.path.join(d, "stdout.txt")).read()
-        for line in txt.splitlines():
-            if line.startswith("baselines:"):
-                r["baselines_line"] = line
+        for line in txt.splitlines():  # the baselines, also when the run was stopped before summary.json
+            if line.startswith("baselines: "):
+                try:
+                    r["baselines"] = {k: float(v) for k, v in (x.rsplit(" ", 1) for x in line[11:].split(", "))}
+                except ValueError:
+                    r["baselines"] = line
+        for k in ("knn_acc_raw_pixels", "knn_acc_random_init"):
+            if r.get(k) is None and isinstance(r.get("baselines"), dict):
+                r[k] = r["baselines"].get(k)
         if pr.returncode not in (0, None) and not r.get("stopped_at_deadline"):
             r["error_tail"] = txt[-1500:]
         r["dir"] = d
@@ -765,7 +773,7 @@ def table(s):
 def main(argv=None):
     p = argparse.ArgumentParser("bench/gpu_suite.py", description=__doc__.split("\n")[0])
     p.add_argument("--budget-s", type=float, default=None, help="Wall-clock budget of the whole suite; it stops "
-                   "inside it on its own. Default 480 (170 with --smoke).")
+                   "inside it on its own. Default 480 (175 with --smoke).")
     p.add_argument("--out", default="gpu_suite_out", help="Where gpu_results.json, gpu_log.txt and the PNGs go "
                    "(nothing else, no subfolders).")
     p.add_argument("--work-dir", default=None, help="Where the runs of part 4 go (default: a temporary folder).")
@@ -781,7 +789,7 @@ def main(argv=None):
     if a.probe:
         return probe_main(a)
     a.argv = list(sys.argv[1:] if argv is None else argv)
-    a.budget_s = a.budget_s or (170.0 if a.smoke else 480.0)
+    a.budget_s = a.budget_s or (175.0 if a.smoke else 480.0)
     a.device = a.device or ("cpu" if a.smoke else "cuda")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("no CUDA device is visible; on a CPU run the suite with --smoke (toy sizes).")

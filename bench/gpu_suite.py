@@ -137,13 +137,19 @@ class Suite:
         if threads:
             env["OMP_NUM_THREADS"] = str(threads)
         t = time.time()
+        # a session of its own, so a timeout ends the whole group (torch.compile's worker processes included)
+        p = subprocess.Popen([sys.executable] + argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
-            p = subprocess.run([sys.executable] + argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                               timeout=max(1.0, timeout))
-            rc, out = p.returncode, p.stdout + p.stderr
-        except subprocess.TimeoutExpired as e:
+            out, _ = p.communicate(timeout=max(1.0, timeout))
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            try:
+                out, _ = p.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                out = ""
             rc = "timeout"
-            out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         if log_path:
             with open(log_path, "w") as f:
                 f.write(out)

@@ -640,6 +640,9 @@ def part_summary(s):
             pts = [(e["epoch"], e[key]) for e in ev if e.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), "o-", ms=3, label=label_fn(nm))
+        lo, hi = ax.get_ylim()
+        mid = (lo + hi) / 2
+        ax.set_ylim(min(lo, mid - 0.02), max(hi, mid + 0.02))  # at least 0.04 tall: no wiggle drawn as a trend
     # learning curves: k-NN of every run (with (a)'s baselines), DINO loss / ln K
     fig = Figure(figsize=(15, 4))
     ax = fig.subplots(1, 3)

@@ -782,7 +782,7 @@ def table(s):
 def main(argv=None):
     p = argparse.ArgumentParser("bench/gpu_suite.py", description=__doc__.split("\n")[0])
     p.add_argument("--budget-s", type=float, default=None, help="Wall-clock budget of the whole suite; it stops "
-                   "inside it on its own. Default 480 (175 with --smoke).")
+                   "inside it on its own. Default 480 (165 with --smoke).")
     p.add_argument("--out", default="gpu_suite_out", help="Where gpu_results.json, gpu_log.txt and the PNGs go "
                    "(nothing else, no subfolders).")
     p.add_argument("--work-dir", default=None, help="Where the runs of part 4 go (default: a temporary folder).")
@@ -798,7 +798,7 @@ def main(argv=None):
     if a.probe:
         return probe_main(a)
     a.argv = list(sys.argv[1:] if argv is None else argv)
-    a.budget_s = a.budget_s or (175.0 if a.smoke else 480.0)
+    a.budget_s = a.budget_s or (165.0 if a.smoke else 480.0)
     a.device = a.device or ("cpu" if a.smoke else "cuda")
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("no CUDA device is visible; on a CPU run the suite with --smoke (toy sizes).")

@@ -9,6 +9,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -802,11 +803,11 @@ def test_gpu_suite_smoke_runs_every_part(tmp_path):
     """bench/gpu_suite.py --smoke: every part on the CPU at toy size within its budget; the JSON holds every
     part without an error, and --out holds at most 8 plain files (what the device machine brings back)."""
     out, work = tmp_path / "out", tmp_path / "work"
-    t = __import__("time").time()
+    t = time.time()
     p = subprocess.run([sys.executable, os.path.join(HERE, "bench", "gpu_suite.py"), "--smoke", "--out", str(out),
                         "--work-dir", str(work)], capture_output=True, text=True, timeout=600, cwd=HERE,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
-    wall = __import__("time").time() - t
+    wall = time.time() - t
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.load(open(out / "gpu_results.json"))
     assert res["errors"] == {}, res["errors"]

@@ -29,7 +29,6 @@ Deliberately left out (see README, faithfulness table): the 7B model and its dis
 high-resolution adaptation phase, the text alignment, FSDP. Everything else is scaled down, not cut.
 """
 import argparse
-import copy
 import json
 import math
 import os
@@ -243,8 +242,6 @@ def get_args_parser():
       "(downloaded elsewhere, or DINOv3's after its licence form) instead of the download.")
     a("--images", metavar="DIR", default=None, help="With --analyze of a released model: your own photos (every "
       "image file under DIR, up to --analyze-images) instead of matplotlib's sample photo of Grace Hopper.")
-    a("--benchmark", action="store_true", help="Instead of training: time the full training step and the data "
-      "pipeline with the given model and crop flags, count FLOPs, and print MFU against a measured matmul peak.")
     a("--plot-log", metavar="RUN_DIR", default=None, help="Instead of training: plot RUN_DIR/log.jsonl (k-NN, "
       "dense mIoU, outlier fraction, collapse signatures vs epoch) into RUN_DIR/analysis/log.png.")
     return p
@@ -1618,121 +1615,6 @@ def train(args, t_start=None):
     return summary
 
 
-# ---- benchmark: what one training step costs, and how much of the hardware it uses
-
-def measure_matmul_peak(device, dtype, n=None, reps=10):
-    """Measured matmul peak (TFLOP/s) of this device and dtype: median of `reps` square n x n matmuls."""
-    n = n or (8192 if device.type == "cuda" else 2048)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(reps + 2):
-        _sync(device)
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / sorted(times[2:])[reps // 2] / 1e12
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def benchmark(args, warmup=3, reps=10):
-    """--benchmark: time the full training step (multi-crop, student and teacher forwards, every loss on
-    (Gram with --gram), backward, AdamW, EMA) and the data pipeline alone; count the FLOPs of one step;
-    print a table and, last, one JSON line. FLOPs are counted by torch.utils.flop_counter (matmuls,
-    convolutions and attention, forward and backward; element-wise work is not counted), per image."""
-    from torch.utils.flop_counter import FlopCounterMode
-    device = pick_device(args.device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    torch.manual_seed(args.seed)
-    B, grid = args.batch_size, args.image_size // args.patch_size
-    images = make_scenes("train", max(B, 256), args.image_size * (2 if args.gram_hires else 1), args.seed)[0].to(device)
-    student = DINOModel(build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck,
-                        args.norm_last_layer).to(device)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    gram_teacher = make_gram_teacher(teacher.backbone) if args.gram else None
-    opt = torch.optim.AdamW(param_groups(student, args.depth, args.layer_decay), lr=1e-4,
-                            fused=device.type in ("cuda", "cpu"))
-    sched = make_schedules(args, 100)
-    sched["steps_per_epoch"] = 1
-    bargs = copy.copy(args)
-    bargs.gram_start, bargs.gram_ramp_epochs = 0, 1e-9  # the Gram loss at full weight from step 0
-    model, teacher_fwd = (torch.compile(student), torch.compile(teacher)) if args.compile else (student, teacher)
-    gen = torch.Generator().manual_seed(args.seed)
-
-    def data(i):
-        batch = images[(torch.arange(B, device=device) + i * B) % len(images)]
-        crops = multicrop(batch, args, gen)
-        masks = ibot_masks(2 * B, grid, args, gen).to(device) if args.ibot_weight > 0 else None
-        return batch, crops, masks
-
-    def step(i, batch, crops, masks):
-        with amp:
-            total, _, _ = compute_losses(model, teacher_fwd, gram_teacher, batch, crops, masks, 50, sched, bargs)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        clip_gradients(student, args.clip_grad)
-        opt.step()
-        ema_update(teacher, student, 0.996)
-
-    def timed(fn):
-        ts = []
-        for i in range(warmup + reps):
-            _sync(device)
-            t = time.perf_counter()
-            fn(i)
-            _sync(device)
-            ts.append(time.perf_counter() - t)
-        return sorted(ts[warmup:])[reps // 2]  # the median, after warm-up
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t_full = timed(lambda i: step(i, *data(i)))
-    fixed = data(0)
-    t_model = timed(lambda i: step(i, *fixed))
-    t_data = timed(data)
-    flop = FlopCounterMode(display=False)
-    with flop:
-        step(0, *fixed)
-    flops_per_img = flop.get_total_flops() / B
-    if device.type == "cuda":
-        peak_mem = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        import resource
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = measure_matmul_peak(device, dtype)
-    achieved = flops_per_img * B / t_model / 1e12
-    res = {"train_img_per_s": round(B / t_full, 2), "model_step_img_per_s": round(B / t_model, 2),
-           "data_img_per_s": round(B / t_data, 1), "flops_per_img": round(flops_per_img),
-           "achieved_tflops": round(achieved, 4), "peak_tflops": round(peak, 4), "mfu": round(achieved / peak, 4),
-           "peak_mem_mb": round(peak_mem, 1), "device": str(device) + (f" ({torch.cuda.get_device_name()})"
-                                                                      if device.type == "cuda" else ""),
-           "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "batch_size": B,
-           "model": f"{args.model} dim {args.dim} depth {args.depth} heads {args.heads}",
-           "crops": f"2x{args.image_size}px + {args.local_crops}x{args.local_size}px, patch {args.patch_size}",
-           "losses": "dino" + ("+ibot" if args.ibot_weight > 0 else "") + ("+koleo" if args.koleo_weight > 0 else "")
-           + ("+gram" if args.gram else "")}
-    rows = [("full training step (data + model)", f"{res['train_img_per_s']:.1f} img/s", f"{1000 * t_full:.0f} ms"),
-            ("model step alone (fwd, bwd, AdamW, EMA)", f"{res['model_step_img_per_s']:.1f} img/s",
-             f"{1000 * t_model:.0f} ms"),
-            ("data pipeline alone (multi-crop + masks)", f"{res['data_img_per_s']:.1f} img/s",
-             f"{1000 * t_data:.0f} ms"),
-            ("FLOPs per image (counted)", f"{flops_per_img / 1e9:.3f} GFLOP", ""),
-            ("achieved / measured matmul peak", f"{1000 * achieved:.1f} / {1000 * peak:.1f} GFLOP/s",
-             f"MFU {100 * res['mfu']:.1f}%"),
-            ("peak memory", f"{peak_mem:.0f} MB", "")]
-    print(f"benchmark: {res['model']}, {res['crops']}, batch {B}, losses {res['losses']}, {res['device']} "
-          f"{res['dtype']}, medians of {reps} steps after {warmup} warm-up")
-    for r in rows:
-        print(f"  {r[0]:42s} {r[1]:>26s} {r[2]:>12s}")
-    print(json.dumps(res))
-    return res
-
-
 # -----------------------------------------------------------------------------------------------
 # 8. Evaluation: weighted k-NN (DINO Sec. 4.1) and the two baselines
 # -----------------------------------------------------------------------------------------------
@@ -2421,8 +2303,6 @@ def main(argv=None):
     t_start = time.time()  # the reported wall time is what the user waited: setup, training, evaluation
     parser = get_args_parser()
     args = parse_args(parser, argv)
-    if args.benchmark:
-        return benchmark(args)
     if args.analyze or args.plot_log:
         try:
             if args.plot_log:

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import pickle
-import random
 import signal
 import sys
 import tempfile
@@ -130,6 +129,10 @@ def get_args_parser():
     a("--head-hidden", type=int, default=None, help="Hidden width of the DINO/iBOT heads (reference 2048; "
       "nano uses 256 to stay fast on a CPU).")
     a("--head-bottleneck", type=int, default=256, help="Bottleneck width before the prototypes (reference 256).")
+    a("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True, help="L2-normalise the "
+      "prototypes, so logits are cosines (DINO/DINOv2). DINOv3's code uses a plain linear layer "
+      "(--no-norm-last-layer); the default here, because with small heads and short runs the normalised "
+      "layer gives the teacher less flat targets at the start.")
     a("--student-temp", type=float, default=0.1, help="Student softmax temperature (reference 0.1).")
     a("--teacher-temp", type=float, default=0.07, help="Final teacher temperature (reference 0.07). Above "
       "~0.07 training becomes unstable; lower it (0.04) if the teacher entropy stays high.")
@@ -156,7 +159,15 @@ def get_args_parser():
     a("--gram-refresh-every", type=int, default=0, help="Refresh the Gram teacher from the EMA teacher every k "
       "epochs after --gram-start (reference: every 10k iterations); 0 never.")
     a("--gram-refresh-max", type=int, default=3, help="At most this many refreshes, then frozen (reference 3).")
-    a("--gram-ramp-epochs", type=float, default=1.0, help="Cosine ramp-in of the Gram weight, in epochs.")
+    a("--gram-ramp-epochs", type=float, default=1.0, help="Cosine ramp-in of the Gram weight (and ramp-down of "
+      "the local DINO weight), in epochs (reference: 1k iterations).")
+    a("--gram-local-weight", type=float, default=0.5, help="Weight of the local-crop DINO loss in the Gram phase, "
+      "reached on the same cosine as the Gram weight (reference 0.5, `reweight_dino_local_loss`); 1 turns it off.")
+    a("--gram-momentum", type=float, default=0.999, help="EMA teacher momentum in the Gram phase (reference "
+      "0.999 constant); 0 keeps the ordinary cosine schedule.")
+    a("--untie-local-norm", action=argparse.BooleanOptionalAction, default=None, help="Give local crops' CLS "
+      "and registers their own final LayerNorm in training (DINOv3's untie_global_and_local_cls_norm). "
+      "Default: on with --gram, off otherwise.")
     a("--gram-hires", action="store_true", help="Give the Gram teacher the same crop at 2x resolution without "
       "colour distortion, and bicubic-downsample its patch features to the student's grid (DINOv3 Sec. 4.3).")
     # optimisation
@@ -233,6 +244,8 @@ def resolve_args(args, parser):
         args.gram_teacher_epoch = max(1, args.epochs // 4)
     if args.gram_start is None:
         args.gram_start = args.gram_teacher_epoch
+    if args.untie_local_norm is None:
+        args.untie_local_norm = args.gram
     errors = []
     if args.patch_size <= 0 or args.image_size % args.patch_size or args.local_size % args.patch_size:
         errors.append(f"--image-size {args.image_size} and --local-size {args.local_size} must both be positive "
@@ -256,6 +269,9 @@ def resolve_args(args, parser):
     for name in ("epochs", "batch_size", "prototypes", "eval_every", "log_every"):
         if getattr(args, name) <= 0:
             errors.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.gram_local_weight < 0 or not 0 <= args.gram_momentum < 1:
+        errors.append(f"--gram-local-weight must be 0 or more and --gram-momentum in [0, 1), got "
+                      f"{args.gram_local_weight} and {args.gram_momentum}")
     if args.num_images is not None and args.num_images <= 0:
         errors.append(f"--num-images must be positive, got {args.num_images}")
     if args.gram and args.gram_teacher is None and args.gram_teacher_epoch >= args.epochs:
@@ -496,9 +512,6 @@ def load_data(args):
 # Multi-crop on whole batches of tensors (DINO Sec. 3.1, DINOv2 data/augmentations.py): every crop of
 # a batch is cut by one grid_sample call, and each photometric transform is applied to a random subset
 # with the reference probabilities. It runs wherever the images are (GPU or CPU).
-MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-
-
 def sample_boxes(n, scale, gen, ratio=(3 / 4, 4 / 3)):
     """RandomResizedCrop boxes in normalised coordinates: (n, 4) as (cx, cy, w, h), and flips (n,)."""
     area = scale[0] + (scale[1] - scale[0]) * torch.rand(n, generator=gen)
@@ -577,7 +590,9 @@ def solarize(x, gen, p):
 
 
 def normalize(x):
-    return (x - MEAN.to(x.device)[:, None, None]) / STD.to(x.device)[:, None, None]
+    """ImageNet mean/std normalisation of (n,3,H,W) in [0,1], as the reference."""
+    mean, std = x.new_tensor([0.485, 0.456, 0.406]), x.new_tensor([0.229, 0.224, 0.225])
+    return (x - mean[:, None, None]) / std[:, None, None]
 
 
 def multicrop(images, args, gen):
@@ -607,8 +622,9 @@ def multicrop(images, args, gen):
 def block_mask(h, w, n_mask, rng, min_block=4, aspect=(0.3, 1 / 0.3)):
     """BEiT block masking on an (h, w) grid with exactly n_mask patches masked: (h*w,) bool.
 
-    Blocks of area >= min_block and at most half the grid, aspect log-uniform in `aspect`; if the blocks
-    stop fitting, random patches top the mask up to the exact count (as DINOv2's collate does)."""
+    Blocks of area >= min_block and at most half the grid, aspect log-uniform in `aspect`; once fewer than
+    min_block patches are left, blocks of that size are still tried; when 10 tries in a row add nothing,
+    random patches top the mask up to the exact count (DINOv2/v3's MaskingGenerator)."""
     mask = torch.zeros(h, w, dtype=torch.bool)
     max_block = max(min_block, 0.5 * h * w)
     count = 0
@@ -616,9 +632,7 @@ def block_mask(h, w, n_mask, rng, min_block=4, aspect=(0.3, 1 / 0.3)):
         budget = min(n_mask - count, max_block)
         delta = 0
         for _ in range(10):
-            if budget < min_block:
-                break
-            target = rng.uniform(min_block, budget)
+            target = rng.uniform(min_block, budget)  # budget < min_block: a small block of at most budget
             ar = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
             bh, bw = int(round(math.sqrt(target * ar))), int(round(math.sqrt(target / ar)))
             if bh < h and bw < w:
@@ -640,13 +654,15 @@ def block_mask(h, w, n_mask, rng, min_block=4, aspect=(0.3, 1 / 0.3)):
 
 def ibot_masks(n, grid, args, gen):
     """Masks for n global crops (n, N): a fraction mask_prob of them masked, with ratios spread evenly over
-    mask_ratio (the i-th masked crop draws its ratio from the i-th slice), the rest unmasked; shuffled."""
+    mask_ratio (the i-th masked crop masks the upper end of the i-th slice, as the reference's collate), the
+    rest unmasked; shuffled."""
+    import random  # local, so the function can be copied alone
     rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=gen)))
     h = w = grid
     n_masked = int(n * args.mask_prob)
     lo, hi = args.mask_ratio
     probs = torch.linspace(lo, hi, n_masked + 1).tolist()
-    masks = [block_mask(h, w, int(h * w * rng.uniform(probs[i], probs[i + 1])), rng) for i in range(n_masked)]
+    masks = [block_mask(h, w, int(h * w * probs[i + 1]), rng) for i in range(n_masked)]
     masks += [torch.zeros(h * w, dtype=torch.bool)] * (n - n_masked)
     rng.shuffle(masks)
     return torch.stack(masks)  # (n, N)
@@ -744,7 +760,7 @@ class Block(nn.Module):
 
     def __init__(self, dim, heads, mlp_ratio=4.0, layerscale=1e-5, drop_path=0.0):
         super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)  # eps as the reference
         self.attn = Attention(dim, heads)
         self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(), nn.Linear(int(dim * mlp_ratio), dim))
         self.ls1 = LayerScale(dim, layerscale) if layerscale > 0 else nn.Identity()
@@ -772,11 +788,13 @@ class ViT(nn.Module):
     """Vision Transformer with [CLS, R registers, N patches] tokens (Darcet et al. 2023) and axial RoPE.
 
     Registers are learnable tokens with no position encoding, dropped at the output. A mask token
-    replaces masked patch embeddings (iBOT). Works on any image size divisible by the patch size."""
+    replaces masked patch embeddings (iBOT). Works on any image size divisible by the patch size.
+    untie_local_norm: local crops' CLS and registers get their own final LayerNorm in training (DINOv3's
+    `untie_global_and_local_cls_norm`), so the small views' statistics do not pull on the global ones."""
 
     def __init__(self, *, image_size=32, patch_size=4, dim=192, depth=12, heads=3, num_registers=4,
                  mlp_ratio=4.0, layerscale=1e-5, drop_path=0.0, rope_base=100.0, rope_shift=0.0,
-                 rope_jitter=1.0, rope_rescale=2.0):
+                 rope_jitter=1.0, rope_rescale=2.0, untie_local_norm=False):
         super().__init__()
         self.image_size, self.patch_size, self.dim, self.num_registers = image_size, patch_size, dim, num_registers
         self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
@@ -786,15 +804,17 @@ class ViT(nn.Module):
         self.rope = RoPE(head_dim=dim // heads, base=rope_base, shift=rope_shift, jitter=rope_jitter,
                          rescale=rope_rescale)
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio, layerscale, drop_path) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        nn.init.normal_(self.cls_token, std=1e-6)  # DINOv2's init
-        nn.init.normal_(self.registers, std=1e-6)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.local_norm = nn.LayerNorm(dim, eps=1e-6) if untie_local_norm else None  # CLS + registers of local crops
+        nn.init.normal_(self.cls_token, std=0.02)  # DINOv3's init (DINOv2: 1e-6)
+        nn.init.normal_(self.registers, std=0.02)
         self.apply(_init_weights)
 
-    def forward(self, x, masks=None, return_norms=False, return_attn=False):
+    def forward(self, x, masks=None, return_norms=False, return_attn=False, local=False):
         """x (B,3,H,W), masks (B,N) bool or None -> dict with cls (B,D), registers (B,R,D), patches (B,N,D),
         all after the final norm; norms (depth+1, B, T) of the residual stream before the final norm (input
-        to block 1 ... output of the last block) and attn [depth x (B,heads,T,T)] when asked."""
+        to block 1 ... output of the last block) and attn [depth x (B,heads,T,T)] when asked. local=True marks
+        local crops (their CLS and registers take local_norm in training when the norms are untied)."""
         x = self.patch_embed(x)  # (B, D, h, w)
         h, w = x.shape[-2:]
         x = rearrange(x, "b d h w -> b (h w) d")  # (B, N, D)
@@ -802,18 +822,28 @@ class ViT(nn.Module):
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         B = x.shape[0]
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.registers.expand(B, -1, -1), x], dim=1)  # (B, 1+R+N, D)
-        sin, cos = self.rope(h, w)  # (N, D_h) for the patches; CLS and registers get the identity rotation
         P = 1 + self.num_registers
-        rope = (F.pad(sin, (0, 0, P, 0)), F.pad(cos, (0, 0, P, 0), value=1.0))  # (1+R+N, D_h)
+
+        def rope_tables():  # (N, D_h) for the patches, padded with the identity rotation for CLS and registers
+            sin, cos = self.rope(h, w)
+            return F.pad(sin, (0, 0, P, 0)), F.pad(cos, (0, 0, P, 0), value=1.0)  # (1+R+N, D_h) each
+        # in training every block draws its own RoPE augmentation, as the reference recomputes the tables per
+        # block; in eval the tables are deterministic and computed once
+        augment = self.training and (self.rope.shift > 0 or self.rope.jitter > 1 or self.rope.rescale > 1)
+        rope = rope_tables()
         norms, attns, x0 = [], [], x
-        for blk in self.blocks:
+        for i, blk in enumerate(self.blocks):
             if return_norms:
                 norms.append(x.norm(dim=-1))
+            if augment and i > 0:
+                rope = rope_tables()
             x, attn = blk(x, rope, return_attn)
             attns.append(attn)
         if return_norms:
             norms.append(x.norm(dim=-1))
         x_out, x = x, self.norm(x)
+        if local and self.local_norm is not None and self.training:  # untied: CLS + registers of local crops
+            x = torch.cat([self.local_norm(x_out[:, :P]), x[:, P:]], dim=1)
         R = self.num_registers
         out = {"cls": x[:, 0], "registers": x[:, 1:1 + R], "patches": x[:, 1 + R:], "grid": (h, w)}
         if return_norms:
@@ -841,7 +871,7 @@ def build_backbone(args, student=True):
     return ViT(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
                heads=args.heads, num_registers=args.registers, layerscale=args.layerscale,
                drop_path=args.drop_path if student else 0.0, rope_shift=args.rope_shift,
-               rope_jitter=args.rope_jitter, rope_rescale=args.rope_rescale)
+               rope_jitter=args.rope_jitter, rope_rescale=args.rope_rescale, untie_local_norm=args.untie_local_norm)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -877,17 +907,17 @@ class DINOModel(nn.Module):
       cls_logits (2B + L*B, K)                    DINO head on every crop's CLS  [globals, then locals]
       patch_logits (M, K)                         iBOT head on the M patches where masks is True"""
 
-    def __init__(self, backbone, prototypes, head_hidden, head_bottleneck):
+    def __init__(self, backbone, prototypes, head_hidden, head_bottleneck, norm_last_layer=True):
         super().__init__()
         self.backbone = backbone
-        self.dino_head = DINOHead(backbone.dim, prototypes, head_hidden, head_bottleneck)
-        self.ibot_head = DINOHead(backbone.dim, prototypes, head_hidden, head_bottleneck)
+        self.dino_head = DINOHead(backbone.dim, prototypes, head_hidden, head_bottleneck, norm_last_layer)
+        self.ibot_head = DINOHead(backbone.dim, prototypes, head_hidden, head_bottleneck, norm_last_layer)
 
     def forward(self, global_crops, local_crops=None, masks=None, mask_input=True):
         g = self.backbone(global_crops, masks=masks if mask_input else None)
         cls = [g["cls"]]
         if local_crops is not None:
-            cls.append(self.backbone(local_crops)["cls"])
+            cls.append(self.backbone(local_crops, local=True)["cls"])
         out = {"cls": g["cls"], "patches": g["patches"], "cls_logits": self.dino_head(torch.cat(cls))}
         if masks is not None:
             out["patch_logits"] = self.ibot_head(g["patches"][masks])  # (M, K)
@@ -899,38 +929,45 @@ class DINOModel(nn.Module):
 # sums that span the batch are all-reduced.
 # -----------------------------------------------------------------------------------------------
 
-def _all_reduce(x):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(x)
-    return x
-
-
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits, temp, n_iters=3):
     """Sinkhorn-Knopp centring of teacher logits (B, K) -> targets (B, K) whose rows sum to 1 (DINOv3, SwAV).
 
     Q = exp(logits / temp); Q /= sum(Q); then n_iters of (rows /= row sums, /= K; cols /= col sums, /= B);
-    return Q * B. Balances the prototypes so the teacher cannot collapse onto one; columns approach B/K."""
-    Q = torch.exp((teacher_logits.float() - teacher_logits.float().max()) / temp).t()  # (K, B); the max
-    # shift cancels in the normalisation and keeps exp finite
+    return Q * B. Balances the prototypes so the teacher cannot collapse onto one; columns approach B/K.
+    Under torch.distributed the batch is the union of all processes' rows: B and the sums over it are
+    all-reduced, and so is the max subtracted before exp (one shift for every process, so it cancels)."""
+    ddp = dist.is_available() and dist.is_initialized()
+    logits = teacher_logits.float()
+    shift = logits.max()
+    if ddp:
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    Q = torch.exp((logits - shift) / temp).t()  # (K, B); the shift keeps exp finite (the reference has none)
     B = torch.tensor(Q.shape[1], device=Q.device, dtype=torch.float)
-    B = _all_reduce(B)
+    total = Q.sum()
+    if ddp:
+        dist.all_reduce(B)
+        dist.all_reduce(total)
     K = Q.shape[0]
-    Q /= _all_reduce(Q.sum())
+    Q /= total
     for _ in range(n_iters):
-        Q /= _all_reduce(Q.sum(dim=1, keepdim=True))  # each prototype gets total mass 1/K
+        rows = Q.sum(dim=1, keepdim=True)  # (K, 1)
+        if ddp:
+            dist.all_reduce(rows)
+        Q /= rows  # each prototype gets total mass 1/K
         Q /= K
         Q /= Q.sum(dim=0, keepdim=True)  # each sample gets total mass 1/B
         Q /= B
     return (Q * B).t()  # (B, K)
 
 
-def dino_loss(student_logits, teacher_probs, n_global=2, student_temp=0.1):
+def dino_loss(student_logits, teacher_probs, n_global=2, student_temp=0.1, local_weight=1.0):
     """DINO loss: cross-entropy H(P_t, P_s) over every (student crop, teacher global crop) pair but the same crop.
 
     student_logits (C*B, K) crop-major with the n_global global crops first; teacher_probs (n_global*B, K).
     Local pairs and global pairs are averaged separately and combined by their counts, which is the
-    reference's 16/18 and 2/18 with 8 local crops."""
+    reference's 16/18 and 2/18 with 8 local crops; local_weight scales the local part (DINOv3's Gram phase
+    lowers it from 1 to 0.5: `reweight_dino_local_loss`)."""
     t = teacher_probs.chunk(n_global)
     s = F.log_softmax(student_logits.float() / student_temp, dim=-1).chunk(len(student_logits) // len(t[0]))
     glob, loc = [], []
@@ -942,18 +979,18 @@ def dino_loss(student_logits, teacher_probs, n_global=2, student_temp=0.1):
     n_g, n_l = len(glob), len(loc)
     loss_g = sum(glob) / n_g if n_g else 0.0  # mean over global pairs
     loss_l = sum(loc) / n_l if n_l else 0.0  # mean over local pairs
-    return (n_g * loss_g + n_l * loss_l) / (n_g + n_l)
+    return (n_g * loss_g + local_weight * n_l * loss_l) / (n_g + n_l)
 
 
 def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1):
     """iBOT loss: cross-entropy at masked positions. student (M, K), teacher (M, K), masks (B, N) bool.
 
-    Each image's masked tokens are averaged, then the images that have masked tokens are averaged."""
+    L = (1/B) sum_b (1/M_b) sum_{masked i in b} H(P_t,i, P_s,i): each crop's masked tokens are averaged, the
+    crops are summed and divided by all B global crops, masked or not (DINOv2/v3's `forward_masked`). With
+    half the crops masked the loss is half the mean over masked crops; the weight 1.0 is set for this form."""
     ce = -(teacher_patch_probs * F.log_softmax(student_patch_logits.float() / student_temp, dim=-1)).sum(-1)  # (M,)
-    per_image = masks.sum(1)  # (B,)
-    weight = (1.0 / per_image.clamp(min=1)).unsqueeze(1).expand_as(masks)[masks]  # (M,)
-    n_images = (per_image > 0).sum().clamp(min=1)
-    return (ce * weight).sum() / n_images
+    weight = (1.0 / masks.sum(1).clamp(min=1)).unsqueeze(1).expand_as(masks)[masks]  # (M,) 1/M_b per token
+    return (ce * weight).sum() / masks.shape[0]
 
 
 def koleo_loss(x, eps=1e-8):
@@ -974,10 +1011,12 @@ def gram_loss(student_patches, teacher_patches):
 
     student_patches, teacher_patches (B, N, D): L2-normalised here, one Gram matrix (B, N, N) per image,
     negative similarities kept. It constrains only the patch-to-patch cosine structure: the features
-    themselves may rotate or rescale freely."""
-    s = F.normalize(student_patches.float(), dim=-1)
-    t = F.normalize(teacher_patches.float(), dim=-1)
-    return (s @ s.transpose(1, 2) - t @ t.transpose(1, 2)).pow(2).mean()
+    themselves may rotate or rescale freely. Computed in fp32 whatever autocast region it is called from
+    (as the reference does): in bf16 a cosine carries only ~3 significant digits, the size of the signal."""
+    with torch.autocast(student_patches.device.type, enabled=False):
+        s = F.normalize(student_patches.float(), dim=-1)
+        t = F.normalize(teacher_patches.float(), dim=-1)
+        return (s @ s.transpose(1, 2) - t @ t.transpose(1, 2)).pow(2).mean()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -994,6 +1033,7 @@ def ema_update(teacher, student, momentum):
 
 def make_gram_teacher(teacher_backbone):
     """A frozen, backbone-only copy of the EMA teacher as it is now: the Gram teacher (DINOv3 Sec. 4.2)."""
+    import copy  # local, so the function can be copied alone
     g = copy.deepcopy(teacher_backbone).eval()
     for p in g.parameters():
         p.requires_grad_(False)
@@ -1038,8 +1078,9 @@ def pick_device(name):
 
 
 def cosine_schedule(base, final, total, warmup=0, start=0.0):
-    """Per-iteration values: linear warmup start -> base over `warmup` iterations, then cosine base -> final."""
-    warm = torch.linspace(start, base, warmup + 1)[:-1] if warmup > 0 else torch.zeros(0)
+    """Per-iteration values: linear warmup start -> base over `warmup` iterations (reaching base at its last
+    one, as the reference's CosineScheduler), then cosine base -> final."""
+    warm = torch.linspace(start, base, warmup) if warmup > 0 else torch.zeros(0)
     t = torch.arange(max(0, total - warmup)) / max(1, total - warmup)
     return torch.cat([warm, final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))]).tolist()
 
@@ -1058,14 +1099,15 @@ def make_schedules(args, steps_per_epoch):
 
 
 def param_groups(model, depth, layer_decay):
-    """AdamW groups: no weight decay on biases, norms, tokens and LayerScale; layer-wise lr decay
+    """AdamW groups: no weight decay on biases, norms and LayerScale (the CLS, register and mask tokens are
+    decayed, as in the reference code, whose comment says otherwise); layer-wise lr decay
     (block i gets decay^(depth - i), the patch embedding a further x0.2); the prototypes marked so
     they can be frozen in the first epoch."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_wd = p.ndim == 1 or name.endswith(("cls_token", "registers", "mask_token", ".bias")) or ".gamma" in name
+        no_wd = p.ndim == 1 or name.endswith(".bias") or ".gamma" in name or "norm" in name
         if name.startswith("backbone.blocks."):
             layer = int(name.split(".")[2]) + 1
         elif name.startswith(("backbone.patch_embed", "backbone.cls_token", "backbone.registers", "backbone.mask_token")):
@@ -1081,6 +1123,14 @@ def param_groups(model, depth, layer_decay):
     return list(groups.values())
 
 
+def clip_gradients(model, max_norm):
+    """Clip the gradient norm of the backbone, the DINO head and the iBOT head each on its own to max_norm (the
+    reference's loop over the student's parts): a large head gradient does not shrink the backbone's step."""
+    if max_norm > 0:
+        for part in (model.backbone, model.dino_head, model.ibot_head):
+            nn.utils.clip_grad_norm_(part.parameters(), max_norm)
+
+
 def shard(x, n_groups, rank, world):
     """This process's share of a crop-major batch (n_groups*B, ...): the same slice of every crop group."""
     if world == 1:
@@ -1088,6 +1138,13 @@ def shard(x, n_groups, rank, world):
     x = x.view(n_groups, -1, *x.shape[1:])
     b = x.shape[1] // world
     return x[:, rank * b:(rank + 1) * b].flatten(0, 1)
+
+
+def _all_reduce(x):
+    """Sum x over processes in place when torch.distributed is initialised; a no-op otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(x)
+    return x
 
 
 def compute_losses(student, teacher, gram_teacher, images, crops, masks, it, sched, args):
@@ -1098,12 +1155,14 @@ def compute_losses(student, teacher, gram_teacher, images, crops, masks, it, sch
         t_cls = sinkhorn_knopp(t["cls_logits"], temp)  # (2B, K)
         t_patch = sinkhorn_knopp(t["patch_logits"], temp) if masks is not None else None  # (M, K)
     s = student(crops["globals"], crops.get("locals"), masks=masks)
-    parts = {"dino": dino_loss(s["cls_logits"], t_cls, 2, args.student_temp)}
+    ramp = gram_ramp(it, sched, args)  # 0 before the Gram phase, cosine 0 -> 1 at its start
+    local_weight = 1.0 - (1.0 - args.gram_local_weight) * ramp  # DINOv3's Gram phase: local DINO loss 1 -> 0.5
+    parts = {"dino": dino_loss(s["cls_logits"], t_cls, 2, args.student_temp, local_weight)}
     if masks is not None:
         parts["ibot"] = ibot_loss(s["patch_logits"], t_patch, masks, args.student_temp)
     if args.koleo_weight > 0:
         parts["koleo"] = sum(koleo_loss(c) for c in s["cls"].chunk(2))  # 0.1 x 2 x mean over crops
-    gram_w = gram_weight(it, sched, args)
+    gram_w = args.gram_weight * ramp
     if gram_teacher is not None and gram_w > 0:
         parts["gram"] = gram_loss(s["patches"], gram_teacher_patches(gram_teacher, images, crops, args))
     weights = {"dino": 1.0, "ibot": args.ibot_weight, "koleo": args.koleo_weight, "gram": gram_w}
@@ -1112,8 +1171,10 @@ def compute_losses(student, teacher, gram_teacher, images, crops, masks, it, sch
     return total, parts, stats
 
 
-def gram_weight(it, sched, args):
-    """Gram weight at iteration it: 0 before --gram-start, then a cosine ramp up to --gram-weight."""
+def gram_ramp(it, sched, args):
+    """Progress of the Gram phase's switch-on at iteration it: 0 before --gram-start, then a cosine 0 -> 1 over
+    --gram-ramp-epochs, then 1. The reference ramps the Gram weight 0 -> 2 and the local DINO weight 1 -> 0.5
+    on the same one-epoch cosine (`loss_weight_schedule`, `local_loss_weight_schedule`)."""
     if not args.gram:
         return 0.0
     spe = sched["steps_per_epoch"]
@@ -1121,7 +1182,19 @@ def gram_weight(it, sched, args):
     if it < start:
         return 0.0
     ramp = max(1, round(args.gram_ramp_epochs * spe))
-    return args.gram_weight * 0.5 * (1 - math.cos(math.pi * min(1.0, (it - start) / ramp)))
+    return 0.5 * (1 - math.cos(math.pi * min(1.0, (it - start) / ramp)))
+
+
+def gram_weight(it, sched, args):
+    """Gram loss weight at iteration it: 0 before --gram-start, then a cosine ramp up to --gram-weight."""
+    return args.gram_weight * gram_ramp(it, sched, args)
+
+
+def teacher_momentum(it, sched, args):
+    """EMA momentum at iteration it: the cosine schedule, but --gram-momentum (reference 0.999) in the Gram phase."""
+    if args.gram and args.gram_momentum > 0 and it >= args.gram_start * sched["steps_per_epoch"]:
+        return args.gram_momentum
+    return sched["momentum"][it]
 
 
 def collapse_alarm(records, args):
@@ -1157,7 +1230,7 @@ def save_checkpoint(path, state):
 
 
 ARCH_KEYS = ("dim", "depth", "heads", "registers", "patch_size", "prototypes", "head_hidden", "head_bottleneck",
-             "layerscale")
+             "layerscale", "norm_last_layer", "untie_local_norm")
 
 
 class CheckpointError(Exception):
@@ -1229,9 +1302,10 @@ def train(args):
 
     # ---- models: student, EMA teacher (same init), optional Gram teacher
     torch.manual_seed(args.seed)
-    student = DINOModel(build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck).to(device)
+    student = DINOModel(build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck,
+                        args.norm_last_layer).to(device)
     teacher = DINOModel(build_backbone(args, student=False), args.prototypes, args.head_hidden,
-                        args.head_bottleneck).to(device)
+                        args.head_bottleneck, args.norm_last_layer).to(device)
     teacher.load_state_dict(student.state_dict())
     teacher.eval().requires_grad_(False)
     gram_teacher, gram_refreshes = None, 0
@@ -1259,10 +1333,13 @@ def train(args):
         open(log_path, "w").close()
     if args.gram and args.gram_teacher and gram_teacher is None:
         gram_teacher = make_gram_teacher(teacher.backbone)
-        try:
-            gram_teacher.load_state_dict(load_checkpoint(args.gram_teacher)["teacher_backbone"])
+        try:  # the local-crop norm (--untie-local-norm) is never used by a Gram teacher, so it may be absent
+            missing, unexpected = gram_teacher.load_state_dict(load_checkpoint(args.gram_teacher)["teacher_backbone"],
+                                                               strict=False)
         except RuntimeError:
-            raise CheckpointError(f"--gram-teacher {args.gram_teacher} holds a backbone of another shape") from None
+            missing, unexpected = ["shape"], []
+        if unexpected or any(not k.startswith("local_norm.") for k in missing):
+            raise CheckpointError(f"--gram-teacher {args.gram_teacher} holds a backbone of another shape")
     if baselines is None:  # what k-NN gets without self-supervised learning
         baselines = {"knn_acc_raw_pixels": knn_raw_pixels(x_knn, y_knn, x_test, y_test, args),
                      **knn_random_init(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)}
@@ -1327,13 +1404,12 @@ def train(args):
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total.detach()), step, first_bad)
             opt.zero_grad(set_to_none=True)
             total.backward()
-            if args.clip_grad > 0:
-                nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+            clip_gradients(student, args.clip_grad)
             if epoch < args.freeze_last_layer_epochs:  # DINO: keep the prototypes fixed in the first epoch
                 for p in last_layer:
                     p.grad = None
             opt.step()
-            ema_update(teacher, student, sched["momentum"][step])
+            ema_update(teacher, student, teacher_momentum(step, sched, args))
             step += 1
             train_time += time.time() - t_step
 
@@ -1363,8 +1439,10 @@ def train(args):
                 rec = {"type": "step", "step": step, "epoch": step / steps_per_epoch,
                        **{k: round(v, 5) for k, v in zip(keys, vals.tolist())},
                        "lr": sched["lr"][step - 1], "wd": sched["wd"][step - 1],
-                       "momentum": sched["momentum"][step - 1], "teacher_temp": sched["teacher_temp"][step - 1],
+                       "momentum": teacher_momentum(step - 1, sched, args),
+                       "teacher_temp": sched["teacher_temp"][step - 1],
                        "gram_weight": gram_weight(step - 1, sched, args),
+                       "dino_local_weight": 1.0 - (1.0 - args.gram_local_weight) * gram_ramp(step - 1, sched, args),
                        "img_per_s": round(acc_n * args.batch_size / (now - t_log), 1)}
                 rec["dino_over_lnK"] = round(rec["dino"] / math.log(args.prototypes), 4)
                 acc, acc_n, t_log = {}, 0, now
@@ -1457,7 +1535,8 @@ def benchmark(args, warmup=3, reps=10):
     torch.manual_seed(args.seed)
     B, grid = args.batch_size, args.image_size // args.patch_size
     images = make_scenes("train", max(B, 256), args.image_size * (2 if args.gram_hires else 1), args.seed)[0].to(device)
-    student = DINOModel(build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck).to(device)
+    student = DINOModel(build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck,
+                        args.norm_last_layer).to(device)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     gram_teacher = make_gram_teacher(teacher.backbone) if args.gram else None
     opt = torch.optim.AdamW(param_groups(student, args.depth, args.layer_decay), lr=1e-4,
@@ -1480,8 +1559,7 @@ def benchmark(args, warmup=3, reps=10):
             total, _, _ = compute_losses(model, teacher_fwd, gram_teacher, batch, crops, masks, 50, sched, bargs)
         opt.zero_grad(set_to_none=True)
         total.backward()
-        if args.clip_grad > 0:
-            nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+        clip_gradients(student, args.clip_grad)
         opt.step()
         ema_update(teacher, student, 0.996)
 

@@ -86,8 +86,12 @@ def test_ibot_loss_averages_per_image():
     M, K = int(masks.sum()), 7
     s, t = torch.randn(M, K), F.softmax(torch.randn(M, K), -1)
     ce = -(t * F.log_softmax(s / 0.1, -1)).sum(-1)
-    ref = (ce[0] + ce[1:].mean()) / 2  # mean within each image, then over the 2 masked images
+    # the reference (DINOv2/v3 `iBOTPatchLoss.forward_masked`): mean within each crop, summed over crops, divided
+    # by ALL 3 crops, masked or not
+    ref = (ce[0] + ce[1:].mean()) / 3
     assert_close(m.ibot_loss(s, t, masks, 0.1), ref)
+    # so with half the crops masked it is half the mean over the masked crops (not equal to it)
+    assert_close(m.ibot_loss(s, t, masks, 0.1), 2 / 3 * (ce[0] + ce[1:].mean()) / 2)
 
 
 def test_koleo_loss_value():
@@ -95,6 +99,188 @@ def test_koleo_loss_value():
     assert_close(m.koleo_loss(x), torch.tensor(-math.log(math.sqrt(2))), atol=1e-6)
     close = torch.tensor([[1.0, 0.0], [1.0, 0.01], [-1.0, 0.0], [-1.0, 0.01]])
     assert m.koleo_loss(close) > m.koleo_loss(x)  # crowded points cost more
+
+
+# ---- faithful to the reference code: each pinned against a reference formula written here --------
+
+def _sinkhorn_reference(logits, temp, n_iters=3):
+    """The official SinkhornKnoppTeacher on one process, in float64: no max shift at all."""
+    Q = torch.exp(logits.double() / temp).t()
+    B, K = Q.shape[1], Q.shape[0]
+    Q /= Q.sum()
+    for _ in range(n_iters):
+        Q /= Q.sum(dim=1, keepdim=True)
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)
+        Q /= B
+    return (Q * B).t()
+
+
+def _sinkhorn_worker(rank, store, logits, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    q = m.sinkhorn_knopp(logits.chunk(2)[rank], temp=0.04)
+    torch.save(q, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_sinkhorn_across_two_processes_equals_one_process_on_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+    torch.manual_seed(0)
+    logits = torch.rand(32, 12) * 0.9
+    logits[16:] += 0.9  # the second process's half has a very different maximum
+    mp.spawn(_sinkhorn_worker, args=(str(tmp_path / "store"), logits, str(tmp_path / "q")), nprocs=2)
+    two = torch.cat([torch.load(tmp_path / f"q.{r}") for r in range(2)])
+    ref = _sinkhorn_reference(logits, 0.04).float()
+    assert_close(two, ref, atol=1e-5, rtol=0)
+    assert_close(m.sinkhorn_knopp(logits, 0.04), ref, atol=1e-5, rtol=0)  # and one process on all of it
+
+
+def test_gradients_clipped_per_part():
+    model = m.DINOModel(m.ViT(dim=32, depth=1, heads=2, num_registers=1), 16, 32, 8)
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        p.grad = torch.randn_like(p) * (10.0 if name.startswith("backbone") else 1e-3)
+    parts = {k: [p.grad.clone() for p in getattr(model, k).parameters()] for k in ("backbone", "dino_head", "ibot_head")}
+    m.clip_gradients(model, 3.0)
+    for k, grads in parts.items():  # the reference: each of backbone, DINO head, iBOT head clipped on its own
+        norm = torch.stack([g.norm() for g in grads]).norm()
+        scale = min(1.0, 3.0 / (norm.item() + 1e-6))
+        for g, p in zip(grads, getattr(model, k).parameters()):
+            assert_close(p.grad, g * scale)
+    assert scale == 1.0  # the tiny head gradients are untouched (a joint clip would have shrunk them ~1e4x)
+
+
+def test_gram_loss_is_fp32_inside_bf16_autocast():
+    torch.manual_seed(0)
+    s = torch.randn(2, 64, 32)
+    t = s + 0.005 * torch.randn(2, 64, 32)  # the regime Gram anchoring works in: a student close to its teacher
+    sn, tn = F.normalize(s.double(), dim=-1), F.normalize(t.double(), dim=-1)
+    ref = ((sn @ sn.transpose(1, 2) - tn @ tn.transpose(1, 2)) ** 2).mean()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m.gram_loss(s, t)
+        naive = (F.normalize(s, dim=-1) @ F.normalize(s, dim=-1).transpose(1, 2)
+                 - F.normalize(t, dim=-1) @ F.normalize(t, dim=-1).transpose(1, 2)).pow(2).mean()
+    assert got.dtype == torch.float32
+    assert abs(got.item() - ref.item()) < 1e-6 * ref.item()
+    assert abs(naive.float().item() - ref.item()) > 0.1 * ref.item()  # bf16 Gram matrices: ~30% off here
+
+
+def test_rope_augmentation_drawn_per_block_in_training_once_in_eval():
+    vit = m.ViT(image_size=16, patch_size=4, dim=32, depth=3, heads=2, num_registers=1, rope_rescale=2.0)
+    seen = []
+    for blk in vit.blocks:
+        blk.register_forward_pre_hook(lambda mod, a: seen.append(a[1][0].clone()))  # the sin table it gets
+    x = torch.randn(2, 3, 16, 16)
+    vit.train()(x)
+    assert all(not torch.allclose(seen[0], t) for t in seen[1:3])  # three blocks, three rescale draws
+    seen.clear()
+    vit.eval()(x)
+    assert all(torch.equal(seen[0], t) for t in seen[1:3])
+    ref = vit.rope.eval()(4, 4)[0]  # eval: the deterministic table, identity rows for CLS and register
+    assert torch.equal(seen[0][2:], ref) and seen[0][:2].abs().max() == 0
+
+
+def test_dino_local_weight_matches_reference_scaling():
+    torch.manual_seed(0)
+    B, K, L = 4, 10, 8
+    s, t = torch.randn((2 + L) * B, K), F.softmax(torch.randn(2 * B, K), -1)
+    ls, tt = F.log_softmax(s / 0.1, -1).chunk(2 + L), t.chunk(2)
+    glob = torch.stack([-(tt[0] * ls[1]).sum(-1).mean(), -(tt[1] * ls[0]).sum(-1).mean()]).mean()
+    loc = torch.stack([-(tt[i] * ls[j]).sum(-1).mean() for i in range(2) for j in range(2, 2 + L)]).mean()
+    # the reference: dino_local_scale * local_weight * local + dino_global_scale * global, scales 16/18 and 2/18
+    assert_close(m.dino_loss(s, t, 2, 0.1, local_weight=0.5), 16 / 18 * 0.5 * loc + 2 / 18 * glob)
+
+
+def test_gram_phase_schedule_momentum_and_untied_local_norm():
+    args = args_for("--gram", "--epochs", "4", "--gram-teacher-epoch", "1", "--gram-start", "2")
+    sched = m.make_schedules(args, 10)
+    sched["steps_per_epoch"] = 10
+    w = [m.gram_weight(i, sched, args) for i in range(40)]
+    assert w[:20] == [0.0] * 20 and abs(w[25] - 1.0) < 1e-9 and w[30:] == [2.0] * 10  # cosine over 1 epoch
+    assert [m.teacher_momentum(i, sched, args) for i in (19, 20, 39)] == [sched["momentum"][19], 0.999, 0.999]
+    off = args_for("--gram", "--epochs", "4", "--gram-momentum", "0", "--gram-local-weight", "1", "--no-untie-local-norm")
+    assert m.teacher_momentum(39, sched, off) == sched["momentum"][39] and not off.untie_local_norm
+    assert args.untie_local_norm and not args_for().untie_local_norm  # on with --gram, off without
+    # untied: in training the local crops' CLS and registers go through local_norm, the patches through norm
+    vit = m.ViT(image_size=16, patch_size=4, dim=32, depth=1, heads=2, num_registers=2, untie_local_norm=True)
+    with torch.no_grad():
+        vit.local_norm.weight.uniform_(0.5, 2.0)
+        vit.local_norm.bias.normal_()
+    x = torch.randn(3, 3, 8, 8)
+    vit.eval()
+    g, l_eval = vit(x), vit(x, local=True)
+    assert torch.equal(g["cls"], l_eval["cls"])  # never used in eval
+    vit.rope.rescale = 1.0  # deterministic tables, so train and eval forwards are comparable
+    vit.train()
+    tok = {}
+    vit.norm.register_forward_hook(lambda mod, a, out: tok.update(x=a[0]))
+    loc = vit(x, local=True)
+    ref = F.layer_norm(tok["x"][:, :3], (32,), vit.local_norm.weight, vit.local_norm.bias, 1e-6)
+    assert_close(loc["cls"], ref[:, 0]) and assert_close(loc["registers"], ref[:, 1:])
+    assert_close(loc["patches"], vit.norm(tok["x"])[:, 3:])
+    assert not torch.allclose(loc["cls"], vit(x)["cls"])
+
+
+PASTE_HEADER = ("import math\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+                "import torch.distributed as dist\nimport einops\nfrom einops import rearrange\n")
+
+
+def _paste(*names):
+    """A fresh module holding only the pasted source of `names`, with the allowed imports."""
+    import inspect
+    import types
+    src = PASTE_HEADER + "\n\n".join(inspect.getsource(getattr(m, n)) for n in names)
+    mod = types.ModuleType("pasted")
+    exec(compile(src, "pasted", "exec"), mod.__dict__)
+    return mod
+
+
+VIT_PARTS = ("RoPE", "rope_apply", "Attention", "LayerScale", "drop_path", "Block", "ViT", "_init_weights")
+CROP_PARTS = ("sample_boxes", "render_crops", "_gray", "color_jitter", "grayscale", "gaussian_blur", "solarize",
+              "normalize", "multicrop")
+
+
+def test_copyable_pieces_run_pasted_alone():
+    torch.manual_seed(0)
+    logits, probs = torch.randn(8, 6), F.softmax(torch.randn(4, 6), -1)
+    masks = torch.zeros(4, 5, dtype=torch.bool)
+    masks[:2, :2] = True
+    x, y, student = torch.randn(2, 9, 8), torch.randn(2, 9, 8), torch.randn(8, 6)
+    for name, call in {
+        "sinkhorn_knopp": lambda f: f(logits, 0.04),
+        "dino_loss": lambda f: f(student, probs, 2),
+        "ibot_loss": lambda f: f(logits[:4], probs, masks),
+        "koleo_loss": lambda f: f(logits),
+        "gram_loss": lambda f: f(x, y),
+    }.items():
+        assert_close(call(getattr(_paste(name), name)), call(getattr(m, name)))
+    vit_mod = _paste(*VIT_PARTS)
+    torch.manual_seed(0)
+    a = vit_mod.ViT(image_size=16, patch_size=4, dim=32, depth=2, heads=2, num_registers=1).eval()
+    torch.manual_seed(0)
+    b = m.ViT(image_size=16, patch_size=4, dim=32, depth=2, heads=2, num_registers=1).eval()
+    img = torch.randn(2, 3, 16, 16)
+    assert_close(a(img)["patches"], b(img)["patches"])
+    heads = _paste(*VIT_PARTS, "DINOHead", "DINOModel")
+    model = heads.DINOModel(a, 16, 32, 8)
+    assert model(img, img[:, :, :8, :8])["cls_logits"].shape == (4, 16)
+    args = args_for("--local-crops", "2")
+    imgs = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
+    c1 = _paste(*CROP_PARTS).multicrop(imgs, args, torch.Generator().manual_seed(0))
+    c2 = m.multicrop(imgs, args, torch.Generator().manual_seed(0))
+    assert_close(c1["globals"], c2["globals"]) and assert_close(c1["locals"], c2["locals"])
+    mk = _paste("block_mask", "ibot_masks").ibot_masks(8, 4, args, torch.Generator().manual_seed(0))
+    assert torch.equal(mk, m.ibot_masks(8, 4, args, torch.Generator().manual_seed(0)))
+    teach = _paste("ema_update", "make_gram_teacher")
+    g = teach.make_gram_teacher(b)
+    teach.ema_update(g, a, 0.0)
+    assert_close(g(img)["patches"], a(img)["patches"])
+    hires = args_for("--dim", "32", "--depth", "1", "--heads", "2", "--gram-hires")
+    gt = _paste(*CROP_PARTS, "gram_teacher_patches")
+    crops = m.multicrop(imgs, hires, torch.Generator().manual_seed(0))
+    vit = m.build_backbone(hires).eval()
+    assert_close(gt.gram_teacher_patches(vit, imgs, crops, hires), m.gram_teacher_patches(vit, imgs, crops, hires))
 
 
 # ---- backbone ----------------------------------------------------------------------------------
@@ -230,6 +416,9 @@ def test_schedules():
     assert len(s["lr"]) == len(s["wd"]) == len(s["momentum"]) == len(s["teacher_temp"]) == 100
     peak = args.lr * math.sqrt(args.batch_size / 1024)
     assert s["lr"][0] == 0 and abs(max(s["lr"]) - peak) < 1e-9 and s["lr"][-1] < 2e-5
+    # the reference's CosineScheduler: linspace(0, peak, warmup) reaches the peak at the warmup's last step
+    warm = args.warmup_epochs * 10
+    assert abs(s["lr"][warm - 1] - peak) < 1e-9 and abs(s["lr"][warm] - peak) < 1e-9
     assert abs(s["momentum"][0] - 0.992) < 1e-6 and s["momentum"][-1] > 0.9999
     assert abs(s["wd"][0] - 0.04) < 1e-6 and abs(s["wd"][-1] - 0.4) < 1e-3
     assert abs(s["teacher_temp"][0] - 0.04) < 1e-6 and s["teacher_temp"][-1] == 0.07
@@ -242,8 +431,12 @@ def test_param_groups_no_decay_and_layer_decay():
     for g in groups:
         for p in g["params"]:
             n = name[id(p)]
-            no_decay = p.ndim == 1 or any(k in n for k in ("token", "registers", "gamma", "bias"))
+            # the reference's rule (dinov3 `get_params_groups_with_decay`): no decay on biases, norms and
+            # LayerScale gammas only; the CLS, register and mask tokens are decayed
+            no_decay = n.endswith("bias") or "norm" in n or "gamma" in n
             assert (g["wd_mult"] == 0) == no_decay, n
+            if n.endswith(("cls_token", "registers", "mask_token")):
+                assert g["wd_mult"] == 1.0, n
             if "blocks.0." in n:
                 assert g["lr_mult"] == 0.25
             if "patch_embed" in n:
@@ -276,8 +469,8 @@ def test_multicrop_shapes_ranges_and_boxes():
     imgs = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
     out = m.multicrop(imgs, args, torch.Generator().manual_seed(0))
     assert out["globals"].shape == (16, 3, 32, 32) and out["locals"].shape == (24, 3, 16, 16)
-    lo = ((0 - m.MEAN) / m.STD).min().item()
-    hi = ((1 - m.MEAN) / m.STD).max().item()
+    lo = m.normalize(torch.zeros(1, 3, 1, 1)).min().item()
+    hi = m.normalize(torch.ones(1, 3, 1, 1)).max().item()
     for v in (out["globals"], out["locals"]):
         assert v.min() >= lo - 1e-4 and v.max() <= hi + 1e-4
     boxes, _ = m.sample_boxes(20000, (0.32, 1.0), torch.Generator().manual_seed(1))
@@ -316,6 +509,9 @@ def test_block_masks_exact_ratio():
     assert len(masked) == 100  # half of the global crops
     assert masked.min() >= 0.1 - 1 / 64 and masked.max() <= 0.5
     assert abs(masked.mean() - 0.3) < 0.03  # spread evenly over [0.1, 0.5]
+    # the reference's collate: the i-th masked crop masks int(N * probs[i + 1]), the upper end of its slice
+    probs = torch.linspace(0.1, 0.5, 101)
+    assert sorted(masks.sum(1)[masks.sum(1) > 0].tolist()) == sorted(int(64 * p) for p in probs[1:].tolist())
 
 
 # ---- real-dataset readers on small fakes in each format ---------------------------------------

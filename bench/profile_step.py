@@ -133,7 +133,8 @@ def main():
     torch.manual_seed(args.seed)
     B, grid = args.batch_size, args.image_size // args.patch_size
     images = dm.make_scenes("train", max(B, 256), args.image_size * (2 if args.gram_hires else 1), args.seed)[0]
-    student = dm.DINOModel(dm.build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck)
+    student = dm.DINOModel(dm.build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck,
+                           args.norm_last_layer)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     gram_teacher = dm.make_gram_teacher(teacher.backbone) if args.gram else None
     opt = torch.optim.AdamW(dm.param_groups(student, args.depth, args.layer_decay), lr=1e-4)
@@ -157,8 +158,7 @@ def main():
         opt.zero_grad(set_to_none=True)
         total.backward()
         with torch.profiler.record_function("step::clip"):
-            if args.clip_grad > 0:
-                nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+            dm.clip_gradients(student, args.clip_grad)
         with torch.profiler.record_function("step::optimiser"):
             opt.step()
         with torch.profiler.record_function("step::ema"):

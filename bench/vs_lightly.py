@@ -62,7 +62,8 @@ def lightly_step_fn(dim, depth, heads, image_size, patch, hidden, prototypes, lr
 
 
 def ours_step_fn(args):
-    student = dm.DINOModel(dm.build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck)
+    student = dm.DINOModel(dm.build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck,
+                             args.norm_last_layer)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(dm.param_groups(student, args.depth, args.layer_decay), lr=1e-4, fused=True)  # as train()
     sched = dm.make_schedules(args, 100)
@@ -73,7 +74,7 @@ def ours_step_fn(args):
         total, _, _ = dm.compute_losses(student, teacher, None, images, crops, None, 50, sched, args)
         opt.zero_grad(set_to_none=True)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), args.clip_grad)
+        dm.clip_gradients(student, args.clip_grad)
         opt.step()
         dm.ema_update(teacher, student, 0.996)
     return step

@@ -3,7 +3,8 @@ random-init ViT already solve it? Then (--ssl) the default self-supervised recip
 
     python bench/screen_data.py                       # supervised screen + baselines of every candidate
     python bench/screen_data.py --only shapes glyphs  # some of them
-    python bench/screen_data.py --ssl shapes --epochs 10 --eval-every 2 --out-dir runs/screen/shapes
+    python bench/screen_data.py --ssl shapes --epochs 10 --eval-every 1 --out-dir runs/screen/shapes
+    python bench/screen_data.py --picture assets/textures.png  # the chosen dataset, drawn (README picture)
 
 Candidates (10 classes, one object filling most of a 32 px frame, random colours, background, rotation,
 scale and position; per-pixel masks 0 = background, label + 1 = the object):
@@ -17,6 +18,7 @@ supervised nano ViT (the file's ViT + a linear head on CLS) trained --sup-steps 
 crops (the recipe's multicrop), tested on clean test images.
 """
 import argparse
+import json
 import math
 import os
 import sys
@@ -65,10 +67,10 @@ def _object_coords(g, n, x, y, scale=(0.36, 0.48), rot=math.pi):
 TEXTURES = ("stripes", "checker", "dots", "rings", "grid", "chevron", "pinwheel", "waves", "blobs", "plain")
 
 
-def texture(cls, u, v, g):
+def texture(cls, u, v, g, freq=(2.2, 3.5)):
     """Two-tone texture `cls` (n,) on object coordinates u, v (n,S,S): 0/1 pattern (n,S,S)."""
     n = u.shape[0]
-    f = (2.2 + 1.3 * torch.rand(n, 1, 1, generator=g)) * math.pi  # 2.2-3.5 periods across the object
+    f = (freq[0] + (freq[1] - freq[0]) * torch.rand(n, 1, 1, generator=g)) * math.pi  # periods across the object
     r, phi = torch.sqrt(u ** 2 + v ** 2), torch.atan2(v, u)
     su, sv = torch.sin(f * u), torch.sin(f * v)
     low = F.interpolate(torch.randn(n, 1, 5, 5, generator=g), size=u.shape[-1], mode="bicubic", align_corners=False)[:, 0]
@@ -106,7 +108,7 @@ def _two_tone(g, n, c_bg, pat):
     return col + (col2 - col) * pat[:, None]
 
 
-def make_shapes(split, n, size=32, seed=0, texture_only=False):
+def make_shapes(split, n, size=32, seed=0, texture_only=False, freq=(2.2, 3.5)):
     g = torch.Generator().manual_seed(seed * 1_000_003 + {"train": 0, "test": 500_000}[split] + 77)
     x, y = _grid(n, size)
     img, c1 = _background(g, n, x, y)
@@ -114,7 +116,7 @@ def make_shapes(split, n, size=32, seed=0, texture_only=False):
     u, v, _ = _object_coords(g, n, x, y)
     shape = torch.randint(10, (n,), generator=g) if texture_only else labels
     inside = dm.shape_mask(shape, u, v)
-    pat = texture(labels, u, v, g)
+    pat = texture(labels, u, v, g, freq)
     return _finish(img, inside, labels, g, lambda: _two_tone(g, n, c1, pat))
 
 
@@ -166,6 +168,11 @@ def _warp(templates, idx, g, n, size, scale=(0.32, 0.45), rot=math.radians(30)):
 
 
 _GLYPH_T = None
+
+
+def make_fine_textures(split, n, size=32, seed=0):
+    """`textures` with about twice the frequency: a period of 5-6 px at 32 px, about one per 4 px patch."""
+    return make_shapes(split, n, size, seed, texture_only=True, freq=(4.5, 5.5))
 
 
 def make_glyphs(split, n, size=32, seed=0):
@@ -274,7 +281,8 @@ def make_scenes(split, n, size=32, seed=0):
     return dm.make_scenes(split, n, size, seed)
 
 
-CANDIDATES = {"scenes": make_scenes, "shapes": make_shapes, "textures": make_textures, "glyphs": make_glyphs,
+CANDIDATES = {"scenes": make_scenes, "shapes": make_shapes, "textures": make_textures,
+              "fine_textures": make_fine_textures, "glyphs": make_glyphs,
               "fractals": make_fractals}
 
 
@@ -352,13 +360,42 @@ def install(name):
     dm.load_data, dm.resolve_args = load_data, resolve_args
 
 
+def picture(path, per_class=8):
+    """The built-in `textures` dataset (dinov3_mini.make_textures): per_class train images of each class,
+    one row per class, then the mask of the last one (0 = background, label + 1 = object)."""
+    from matplotlib.figure import Figure
+    x, y, mk = dm.make_textures("train", 400)
+    fig = Figure(figsize=(0.9 * (per_class + 1) + 0.9, 0.9 * 10))
+    ax = fig.subplots(10, per_class + 1)
+    for c in range(10):
+        idx = (y == c).nonzero()[:per_class, 0]
+        for j, i in enumerate(idx.tolist()):
+            ax[c, j].imshow(x[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax[c, -1].imshow(mk[idx[-1]].numpy(), cmap="gray", vmin=0, vmax=10, interpolation="nearest")
+        ax[c, 0].set_ylabel(dm.TEXTURES[c], rotation=0, ha="right", va="center", fontsize=9)
+    ax[0, -1].set_title("mask", fontsize=9)
+    for a in ax.flat:
+        a.set_xticks([]), a.set_yticks([])
+        for sp in a.spines.values():
+            sp.set_visible(False)
+    fig.suptitle("--dataset textures: the class is the texture (32 px, seed 0)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=72)
+    print(f"wrote {path}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     p.add_argument("--sup-steps", type=int, default=300)
     p.add_argument("--ssl", default=None, choices=list(CANDIDATES), help="run the default recipe on this candidate; "
                    "the remaining arguments go to dinov3_mini.py")
+    p.add_argument("--json", default=os.path.join(ROOT, "runs", "results", "screen.json"), help="the table is "
+                   "merged into this file (bench/results.py puts it into assets/results.json)")
+    p.add_argument("--picture", default=None, help="draw the built-in `textures` dataset into this PNG and stop")
     a, rest = p.parse_known_args()
+    if a.picture:
+        return picture(a.picture)
     if a.ssl:
         install(a.ssl)
         return dm.main(["--dataset", a.ssl, *rest])
@@ -368,6 +405,12 @@ def main():
         r = screen(name, a.sup_steps)
         print(f"{r['name']:10s} {r['render_s']:14.2f} {r['fg']:6.2f} {r['raw']:11.3f} {r['random_init']:16.3f} "
               f"{r['supervised']:15.3f}   ({r['sup_s']} s)", flush=True)
+        table = json.load(open(a.json)) if os.path.exists(a.json) else {}
+        table[name] = dict(r, sup_steps=a.sup_steps, command=f"python bench/screen_data.py --only {name} "
+                           f"--sup-steps {a.sup_steps}", threads=torch.get_num_threads())
+        os.makedirs(os.path.dirname(a.json), exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(table, f, indent=1)
 
 
 if __name__ == "__main__":

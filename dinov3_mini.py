@@ -3,7 +3,8 @@ dinov3-mini: the ideas of DINOv3 in one readable file, small enough to train on 
 
 What is here, in the order the paper tells it:
   1. config      -- every option with its reference value and what breaks if you push it
-  2. data        -- `scenes`, a procedural dataset with class labels and per-pixel masks (offline),
+  2. data        -- `scenes` and `textures`, procedural datasets with class labels and per-pixel masks
+                    (offline; in `textures` one large object's surface texture is its class),
                     CIFAR-10/100, STL-10, Imagenette and any image folder; batched multi-crop
                     augmentation and iBOT block masking
   3. backbone    -- a ViT with register tokens (Darcet et al. 2023) and DINOv3's axial RoPE
@@ -85,8 +86,8 @@ def get_args_parser():
       "same with 4 registers (add --gram ...). Flags given explicitly override it. See README \"Results\".")
     # data
     a("--dataset", default="scenes", choices=DATASETS, help="`scenes` and `textures` are built in and need no "
-      "download (textures: one large object whose texture is its class, which DINO learns at small scale; scenes: "
-      "a small shape among distractors, which it does not); the others download into --data-dir on first use (`folder`: any folder of class subfolders).")
+      "download (textures: one large object whose surface texture is its class, made for learning at small scale, "
+      "see docs/data.md; scenes: a small shape among distractors); the others download into --data-dir on first use (`folder`: any folder of class subfolders).")
     a("--data-dir", default="./data", help="Where datasets live or are downloaded to; point it at an existing "
       "copy to skip the download (for `folder`: the folder itself, optionally with train/ and val/).")
     a("--image-size", type=int, default=None, help="Global crop size in pixels (reference 224). Default: the "
@@ -284,7 +285,7 @@ def resolve_args(args, parser):
 
 
 # -----------------------------------------------------------------------------------------------
-# 2. Data: the `scenes` dataset, real datasets, multi-crop augmentation, iBOT masks
+# 2. Data: the `scenes` and `textures` datasets, real datasets, multi-crop augmentation, iBOT masks
 # -----------------------------------------------------------------------------------------------
 
 SHAPES = ("disk", "square", "triangle", "diamond", "plus", "ring", "star", "hexagon", "bar", "crescent")
@@ -375,7 +376,7 @@ def make_scenes(split="train", n=None, size=32, seed=0):
     return tuple(torch.cat(p)[:n] for p in zip(*parts))
 
 
-# `textures`: object-centric, and learnable by DINO at small scale. One object fills most of the frame, so
+# `textures`: object-centric, designed so that DINO can learn it at small scale. One object fills most of the frame, so
 # every crop sees part of it; its class is its surface texture (one of 10 two-tone patterns drawn in the
 # object's own frame, so they rotate and scale with it), on a random shape with random colours, rotation,
 # scale and position over a flat or gradient background. A texture survives cropping, flips, colour jitter,

@@ -293,8 +293,9 @@ def run_or_resume(name, flags, runs_dir):
     return out, None, cmd
 
 
-def curve(out, summary, cmd, seed):
-    """One learnable_data entry: the run's k-NN against its baselines and its curve (epoch 0 = the ViT at init)."""
+def curve(out, summary, cmd, seed, old=None):
+    """One learnable_data entry: the run's k-NN against its baselines and its curve (epoch 0 = the ViT at init;
+    taken from `old`, the entry of an earlier results.json for the same command, when there is one)."""
     ck = dm.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     base = summary or ck["baselines"]
     log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
@@ -308,7 +309,8 @@ def curve(out, summary, cmd, seed):
                                          for x in since), 1))  # time between evaluations
             ev.append(r)
             since = []
-    zero = init_point(out, base["knn_acc_random_init"])
+    zero = (dict(old["curve"][0], type="eval") if old and old.get("command") == cmd and old["curve"][0]["step"] == 0
+            else init_point(out, base["knn_acc_random_init"]))
     for e in [zero] + ev:
         pts.append({"step": e.get("step", 0), "epoch": e["epoch"], **{k: e.get(k) for k in KEYS},
                     "dino_over_lnK": e.get("dino_over_lnK"), "train_s": e.get("train_s")})
@@ -326,12 +328,14 @@ def curve(out, summary, cmd, seed):
             "curve": pts}
 
 
-def learnable(runs_dir, assets):
+def learnable(runs_dir, assets, old):
     runs, screens = [], {}
+    before = {r["command"]: r for r in old.get("learnable_data", []) + list(old.get("learnable_data_screens", {})
+                                                                               .get("ssl", {}).values())}
     for name, flags in LEARNABLE.items():
         out, summary, cmd = run_or_resume(name, flags, runs_dir)
         if out is not None:
-            runs.append(curve(out, summary, cmd, int(flags[flags.index("--seed") + 1])))
+            runs.append(curve(out, summary, cmd, int(flags[flags.index("--seed") + 1]), before.get(cmd)))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import screen_data  # the candidates that are not in dinov3_mini
     for cand in SCREENS:
@@ -342,7 +346,8 @@ def learnable(runs_dir, assets):
             cmd = (f"python bench/screen_data.py --ssl {cand} --epochs {ck_args['epochs']} --eval-every "
                    f"{ck_args['eval_every']} --seed {ck_args['seed']}")
             sp = os.path.join(out, "summary.json")
-            screens[cand] = curve(out, json.load(open(sp)) if os.path.exists(sp) else None, cmd, ck_args["seed"])
+            screens[cand] = curve(out, json.load(open(sp)) if os.path.exists(sp) else None, cmd, ck_args["seed"],
+                                  before.get(cmd))
     table = os.path.join(runs_dir, "screen.json")  # bench/screen_data.py's table: baselines, supervised ViT
     screens = {"table": json.load(open(table)) if os.path.exists(table) else {}, "ssl": screens}
     draw_learnable(runs, screens["ssl"], os.path.join(assets, "textures_curves.png"))
@@ -363,6 +368,9 @@ def draw_learnable(runs, screens, path):
             if k == "knn_acc":
                 a.axhline(r["knn_acc_raw_pixels"], color=f"C{i}", ls="--", lw=0.8)
                 a.axhline(r["knn_acc_random_init"], color=f"C{i}", ls="-.", lw=0.8)
+        lo, hi = a.get_ylim()
+        mid = (lo + hi) / 2
+        a.set_ylim(min(lo, mid - 0.05), max(hi, mid + 0.05))  # at least 0.1 tall: no wiggle drawn as a trend
         a.set_title(lab + ("\n(dashed: raw pixels, dash-dot: random-init ViT)" if k == "knn_acc" else ""), fontsize=9)
         a.set_xlabel("step (64 images each)")
         a.legend(fontsize=7)
@@ -397,7 +405,7 @@ def main():
     if a.only in (None, "collapse"):
         results["collapse"] = {"preset": dm.PRESETS["collapse"], "runs": collapse(a.runs_dir, a.assets)}
     if a.only in (None, "learnable"):
-        results["learnable_data"], results["learnable_data_screens"] = learnable(a.runs_dir, a.assets)
+        results["learnable_data"], results["learnable_data_screens"] = learnable(a.runs_dir, a.assets, results)
     results["hardware"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     results["outlier_rule"] = f"norm > median + {dm.OUTLIER_K:g} x 1.4826 x MAD and > 2 x median (patch output norms)"
     with open(path, "w") as f:

@@ -3,7 +3,8 @@ dinov3-mini: the ideas of DINOv3 in one readable file, small enough to train on 
 
 What is here, in the order the paper tells it:
   1. config      -- every option with its reference value and what breaks if you push it
-  2. data        -- `scenes`, a procedural dataset with class labels and per-pixel masks (offline),
+  2. data        -- `scenes` and `textures`, procedural datasets with class labels and per-pixel masks
+                    (offline; in `textures` one large object's surface texture is its class),
                     CIFAR-10/100, STL-10, Imagenette and any image folder; batched multi-crop
                     augmentation and iBOT block masking
   3. backbone    -- a ViT with register tokens (Darcet et al. 2023) and DINOv3's axial RoPE
@@ -73,7 +74,7 @@ PRESETS = {
     # `--ibot-weight 0` for the global objective alone.
     "collapse": dict(layerscale=0.0, lr=1e-2, layer_decay=1.0, eval_every=1),
 }
-DATASETS = ("scenes", "cifar10", "cifar100", "stl10", "imagenette", "folder")
+DATASETS = ("scenes", "textures", "cifar10", "cifar100", "stl10", "imagenette", "folder")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -106,12 +107,15 @@ def get_args_parser():
       "same with 4 registers (add --gram ...). Flags given explicitly override it. See docs/results.md.")
     # data
     a = group["data"].add_argument
-    a("--dataset", default="scenes", choices=DATASETS, help="`scenes` is built in and needs no download; "
-      "the others download into --data-dir on first use (`folder`: any folder of class subfolders).")
+    a("--dataset", default="scenes", choices=DATASETS, help="`scenes` and `textures` are built in and need no "
+      "download (textures: one large object whose surface texture is its class, made for learning at small "
+      "scale, see docs/data.md; scenes: a small shape among distractors); the others download into --data-dir "
+      "on first use (`folder`: any folder of class subfolders).")
     a("--data-dir", default="./data", help="Where datasets live or are downloaded to; point it at an existing "
       "copy to skip the download (for `folder`: the folder itself, optionally with train/ and val/).")
     a("--image-size", type=int, default=None, help="Global crop size in pixels (reference 224). Default: the "
-      "dataset's native size (scenes 32, CIFAR 32, STL-10 96, Imagenette 64). Must be divisible by --patch-size.")
+      "dataset's native size (scenes and textures 32, CIFAR 32, STL-10 96, Imagenette 64). Must be divisible "
+      "by --patch-size.")
     a = group["augmentation"].add_argument
     a("--local-size", type=int, default=None, help="Local crop size (reference 96 for 224 globals). Default: "
       "half of --image-size, rounded to the patch size. Must be smaller than --image-size.")
@@ -122,7 +126,8 @@ def get_args_parser():
     a("--local-scale", type=float, nargs=2, default=(0.05, 0.32), help="Area range of local crops (reference "
       "0.05 0.32). Above ~0.4 local and global views overlap so much that the task becomes trivial.")
     a = group["data"].add_argument
-    a("--num-images", type=int, default=None, help="Cap the training set for quick runs (scenes has 10000).")
+    a("--num-images", type=int, default=None, help="Cap the training set for quick runs (scenes and textures "
+      "have 10000).")
     a("--workers", type=int, default=4, help="Threads used to decode image files for `folder`/`imagenette`.")
     # model
     a = group["model"].add_argument
@@ -262,7 +267,7 @@ def resolve_args(args, parser):
     for k in ("dim", "depth", "heads", "head_hidden", "prototypes"):
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
-    native = {"scenes": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagenette": 64, "folder": 64}
+    native = {"scenes": 32, "textures": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagenette": 64, "folder": 64}
     if args.analyze and args.image_size is None:  # a released model's photos (a run of this file uses its own size)
         args.image_size = 448  # a 32 x 32 grid at patch 14, 28 x 28 at patch 16
     args.image_size = args.image_size or native[args.dataset]
@@ -320,7 +325,7 @@ def resolve_args(args, parser):
 
 
 # -----------------------------------------------------------------------------------------------
-# 2. Data: the `scenes` dataset, real datasets, multi-crop augmentation, iBOT masks
+# 2. Data: the `scenes` and `textures` datasets, real datasets, multi-crop augmentation, iBOT masks
 # -----------------------------------------------------------------------------------------------
 
 SHAPES = ("disk", "square", "triangle", "diamond", "plus", "ring", "star", "hexagon", "bar", "crescent")
@@ -409,6 +414,87 @@ def make_scenes(split="train", n=None, size=32, seed=0):
     n = SCENES_SIZES[split] if n is None else n
     parts = [_scenes_chunk(seed, split, c, size) for c in range(math.ceil(n / SCENES_CHUNK))]
     return tuple(torch.cat(p)[:n] for p in zip(*parts))
+
+
+# `textures`: object-centric, designed so that DINO can learn it at small scale. One object fills most of the frame, so
+# every crop sees part of it; its class is its surface texture (one of 10 two-tone patterns drawn in the
+# object's own frame, so they rotate and scale with it), on a random shape with random colours, rotation,
+# scale and position over a flat or gradient background. A texture survives cropping, flips, colour jitter,
+# grayscale, blur and solarisation, and a ViT's patches see it directly; raw pixels and a random-init ViT
+# do not (measured: bench/screen_data.py, docs/data.md).
+TEXTURES = ("stripes", "checker", "dots", "rings", "grid", "chevrons", "pinwheel", "waves", "blobs", "plain")
+TEXTURES_SIZES = {"train": 10000, "test": 2000}
+
+
+def texture_pattern(cls, u, v, f, noise):
+    """Two-tone texture `cls` (n,) on object coordinates u, v (n,S,S) with frequency f (n,1,1) and a smooth
+    noise field (n,S,S) for `blobs`: a 0/1 pattern (n,S,S). Only each image's own pattern is computed."""
+    r, phi = torch.sqrt(u ** 2 + v ** 2), torch.atan2(v, u)
+    out = torch.zeros_like(u)
+    for c in range(len(TEXTURES)):
+        i = (cls == c).nonzero().squeeze(1)
+        if len(i) == 0:
+            continue
+        uc, vc, fc, rc, pc = u[i], v[i], f[i], r[i], phi[i]
+        su, sv = torch.sin(fc * uc), torch.sin(fc * vc)
+        out[i] = [lambda: su > 0,                                                  # stripes
+                  lambda: (su > 0) ^ (sv > 0),                                     # checker
+                  lambda: torch.cos(fc * uc) * torch.cos(fc * vc) > 0.35,          # dots
+                  lambda: torch.sin(1.3 * fc * rc) > 0,                            # concentric rings
+                  lambda: (su.abs() < 0.45) | (sv.abs() < 0.45),                   # grid lines
+                  lambda: torch.sin(fc * (vc + uc.abs())) > 0,                     # chevrons
+                  lambda: torch.sin(5 * pc) > 0,                                   # pinwheel sectors
+                  lambda: torch.sin(fc * uc + 2.2 * torch.sin(0.8 * fc * vc)) > 0,  # wavy stripes
+                  lambda: noise[i] > 0.3,                                          # blobs
+                  lambda: torch.zeros_like(uc, dtype=torch.bool)][c]().float()     # plain
+    return out
+
+
+def make_textures(split="train", n=None, size=32, seed=0, chunk=1000):
+    """The `textures` dataset: (images uint8 (n,3,S,S), labels (n,) in 0..9, masks uint8 (n,S,S): 0 =
+    background, label + 1 = the object). Deterministic from (seed, split): the whole split is drawn, the
+    first n are returned; the same scenes render at any resolution (32, 64, ...; only the pixel noise differs)."""
+    N = TEXTURES_SIZES[split]
+    n = N if n is None else n
+    g = torch.Generator().manual_seed(seed * 1_000_003 + {"train": 0, "test": 500_000}[split] + 77)
+    U = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    # every random draw, in a fixed order, for the whole split (images do not depend on n)
+    c1, c2, bg_angle, bg_kind = U(N, 3, 1, 1), U(N, 3, 1, 1), U(N, 1, 1) * 2 * math.pi, U(N, 1, 1)
+    labels = torch.randint(len(TEXTURES), (N,), generator=g)
+    cx, cy = 0.5 + 0.2 * (U(N) - 0.5), 0.5 + 0.2 * (U(N) - 0.5)  # object centre
+    scale = 0.36 + 0.12 * U(N)  # half-size: the object spans 70-95% of the frame
+    ang, aspect = (2 * U(N) - 1) * math.pi, 0.85 + 0.3 * U(N)
+    shape = torch.randint(len(SHAPES), (N,), generator=g)  # any shape: the texture alone is the class
+    freq = (2.2 + 1.3 * U(N, 1, 1)) * math.pi  # 2.2-3.5 periods across the object
+    noise = F.interpolate(torch.randn(N, 1, 5, 5, generator=g), size=size, mode="bicubic", align_corners=False)[:, 0]
+    col, col2 = U(N, 3, 1, 1), U(N, 3, 1, 1)
+    col = torch.where((col - c1).abs().mean(1, keepdim=True) < 0.25, 1 - col, col)  # object away from background
+    col2 = torch.where((col2 - col).abs().mean(1, keepdim=True) < 0.3, 1 - col2, col2)  # and its two tones apart
+    pixel_noise = torch.randn(N, 3, size, size, generator=g)
+    images, masks = [], []
+    t = (torch.arange(size) + 0.5) / size
+    for a in range(0, n, chunk):
+        sl = slice(a, min(n, a + chunk))
+        m = sl.stop - a
+        y, x = torch.meshgrid(t, t, indexing="ij")
+        y, x = y.expand(m, size, size), x.expand(m, size, size)
+        e = lambda z: z[sl, None, None]  # noqa: E731
+        # background: flat (50%) or a linear gradient between two colours
+        proj = ((x - 0.5) * torch.cos(bg_angle[sl]) + (y - 0.5) * torch.sin(bg_angle[sl]) + 0.5).clamp(0, 1)
+        mix = torch.where(bg_kind[sl] < 0.5, torch.zeros_like(x), proj)
+        img = c1[sl] + (c2[sl] - c1[sl]) * mix[:, None]
+        # object frame: u, v in [-1, 1] across the object
+        dx, dy = (x - e(cx)) / e(scale), (y - e(cy)) / e(scale)
+        ca, sa = e(torch.cos(ang)), e(torch.sin(ang))
+        u, v = (ca * dx + sa * dy) * e(aspect), (-sa * dx + ca * dy) / e(aspect)
+        inside = shape_mask(shape[sl], u, v)
+        pat = texture_pattern(labels[sl], u, v, freq[sl], noise[sl])
+        obj = col[sl] + (col2[sl] - col[sl]) * pat[:, None]
+        img = torch.where(inside[:, None], obj, img)
+        img = (img + 0.03 * pixel_noise[sl]).clamp(0, 1)
+        images.append((img * 255).round().to(torch.uint8))
+        masks.append(torch.where(inside, labels[sl, None, None] + 1, 0).to(torch.uint8))
+    return torch.cat(images), labels[:n], torch.cat(masks)
 
 
 class UsageError(Exception):
@@ -560,6 +646,14 @@ def load_data(args):
         size = args.image_size * (2 if args.gram_hires else 1)
         x, y, _ = make_scenes("train", args.num_images or SCENES_SIZES["train"], size, args.seed)
         xt, yt, mt = make_scenes("test", SCENES_SIZES["test"], size, args.seed)
+        return x, x, y, xt, yt, mt
+    if name == "textures":  # built in as well; with --gram-hires rendered at 2x like scenes
+        if (args.num_images or 0) > TEXTURES_SIZES["train"]:
+            raise UsageError(f"--num-images {args.num_images}: the textures dataset has "
+                             f"{TEXTURES_SIZES['train']} training images; give at most that many")
+        size = args.image_size * (2 if args.gram_hires else 1)
+        x, y, _ = make_textures("train", args.num_images, size, args.seed)
+        xt, yt, mt = make_textures("test", None, size, args.seed)
         return x, x, y, xt, yt, mt
     if name in ("cifar10", "cifar100"):
         d = _read_cifar(root, name)

@@ -467,6 +467,29 @@ def test_scenes_deterministic_and_masks_agree_with_labels():
     assert (F.interpolate(mh[:, None].float(), size=32, mode="nearest")[:, 0] == m1[:20]).float().mean() > 0.9
 
 
+def test_textures_deterministic_and_masks_agree_with_labels():
+    x1, y1, m1 = m.make_textures("test", 60, 32, seed=3)
+    x2, y2, m2 = m.make_textures("test", 150, 32, seed=3, chunk=64)  # image i does not depend on n or chunking
+    assert torch.equal(x1, x2[:60]) and torch.equal(y1, y2[:60]) and torch.equal(m1, m2[:60])
+    x3, _, _ = m.make_textures("test", 60, 32, seed=4)
+    xt, _, _ = m.make_textures("train", 60, 32, seed=3)
+    assert not torch.equal(x1, x3) and not torch.equal(x1, xt)
+    assert x1.dtype == torch.uint8 and x1.shape == (60, 3, 32, 32) and m1.shape == (60, 32, 32)
+    assert m1.dtype == torch.uint8 and y2.min() >= 0 and y2.max() <= 9 and set(y2.tolist()) == set(range(10))
+    # one object per image: its mask value is label + 1, everything else is background
+    assert all(set(m1[i].unique().tolist()) == {0, y1[i].item() + 1} for i in range(60))
+    fg = (m1 > 0).float().mean((1, 2))
+    assert fg.min() > 0.1 and 0.3 < fg.mean() < 0.7  # a large object, with flat background around it
+    # the class is the texture: `plain` objects are one colour (only the pixel noise, std 0.03), the others
+    # have two tones far apart (>= 0.3 in mean absolute channel difference; `blobs` may show little of one)
+    spread = torch.stack([x1[i].float().div(255)[:, m1[i] > 0].std(1).mean() for i in range(60)])
+    plain = y1 == m.TEXTURES.index("plain")
+    assert plain.any() and spread[plain].max() < 0.04 and spread[~plain].min() > 0.045 and spread[~plain].median() > 0.1
+    xh, yh, mh = m.make_textures("test", 20, 64, seed=3)  # the same objects at another resolution
+    assert torch.equal(yh, y1[:20])
+    assert (F.interpolate(mh[:, None].float(), size=32, mode="nearest")[:, 0] == m1[:20]).float().mean() > 0.9
+
+
 def test_multicrop_shapes_ranges_and_boxes():
     args = args_for("--local-crops", "3")
     imgs = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
@@ -674,6 +697,7 @@ def test_resume_refuses_other_config_and_corrupt_checkpoint(tmp_path, capsys):
     (["--global-scale", "0.5", "1.2"], "--global-scale"),
     (["--dataset", "mnist"], "invalid choice"),
     (["--images", "photos"], "go with --analyze"),
+    (["--dataset", "textures", "--num-images", "20000"], "has 10000 training images"),
 ])
 def test_command_line_errors(argv, words, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "dinov3_mini.py"), "--out-dir", str(tmp_path)] + argv,

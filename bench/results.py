@@ -16,6 +16,12 @@ collapse: `--preset collapse` without Gram anchoring, with an early Gram teacher
          first two also seed 1) ->
          k-NN and dense quality per epoch, peak and final; assets/collapse_curves.png and
          assets/collapse_maps.png (PCA and similarity maps: early teacher, baseline end, Gram ends).
+learnable: the default recipe on the built-in `textures` data (--dataset textures --epochs 10 --eval-every 1),
+         seeds 0 and 1 -> results.json "learnable_data" (one entry per run: k-NN against both baselines, and the
+         curve of k-NN, dense probes and similarity locality per epoch) and assets/textures_curves.png. A run
+         that has a checkpoint but no summary is resumed (--resume), or with --no-train recorded as far as it got
+         (finished: false). Screens of other candidate datasets (bench/screen_data.py --ssl NAME) found in
+         --runs-dir as screen_NAME are drawn beside them and stored under "learnable_data_screens".
 """
 import argparse
 import json
@@ -167,7 +173,7 @@ def draw_storage(folders, path, n_maps=4):
 KEYS = ("knn_acc", "dense_miou", "dense_fg_miou", "similarity_locality", "patch_effective_rank")
 
 
-def init_point(out):
+def init_point(out, knn0=None):
     """Epoch 0: the instruments of the run's ViT at initialisation (train() seeds, then builds the student's
     backbone first, so this is the very same network), and the run's random-init k-NN."""
     _, args, _ = dm.load_teacher(out)
@@ -175,7 +181,8 @@ def init_point(out):
     backbone = dm.build_backbone(args)
     _, _, _, x_test, y_test, masks = dm.load_data(args)
     inst = dm.eval_instruments(backbone, x_test, y_test, masks, args, "cpu")
-    knn0 = json.load(open(os.path.join(out, "summary.json")))["knn_acc_random_init"]
+    if knn0 is None:
+        knn0 = json.load(open(os.path.join(out, "summary.json")))["knn_acc_random_init"]
     return {"type": "eval", "epoch": 0, "knn_acc": knn0, **inst}
 
 
@@ -266,12 +273,121 @@ def draw_maps(folders, path, n=4):
     print(f"wrote {path}")
 
 
+LEARNABLE = {f"textures_s{s}": ["--dataset", "textures", "--epochs", "10", "--eval-every", "1", "--seed", str(s)]
+             for s in (0, 1)}
+SCREENS = ("shapes", "scenes", "glyphs", "fractals")  # bench/screen_data.py --ssl NAME runs, if present
+
+
+def run_or_resume(name, flags, runs_dir):
+    """Like run(), but a run that stopped part-way (checkpoint, no summary) is resumed, not restarted; with
+    --no-train it is measured as far as it got. Returns (folder or None, summary or None, command)."""
+    out = os.path.join(runs_dir, name)
+    cmd = "python dinov3_mini.py " + " ".join(flags)
+    if os.path.exists(os.path.join(out, "summary.json")) or not os.path.exists(os.path.join(out, "checkpoint.pt")):
+        return run(name, flags, runs_dir)
+    if not NO_TRAIN:
+        print(f"== {name}: resuming {cmd}", flush=True)
+        dm.main(flags + ["--out-dir", out, "--no-progress", "--resume"])
+        return out, json.load(open(os.path.join(out, "summary.json"))), cmd
+    print(f"measuring {name} as far as it got (--no-train): {cmd}")
+    return out, None, cmd
+
+
+def curve(out, summary, cmd, seed, old=None):
+    """One learnable_data entry: the run's k-NN against its baselines and its curve (epoch 0 = the ViT at init;
+    taken from `old`, the entry of an earlier results.json for the same command, when there is one)."""
+    ck = dm.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    base = summary or ck["baselines"]
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    ev, pts, since = [], [], []
+    for r in log:
+        if r.get("type") == "step":
+            since.append(r)
+        elif r.get("type") == "eval":
+            r = dict(r, dino_over_lnK=round(statistics.fmean(x["dino_over_lnK"] for x in since), 4) if since else None,
+                     train_s=round(sum(ck["args"]["log_every"] * ck["args"]["batch_size"] / x["img_per_s"]
+                                         for x in since), 1))  # time between evaluations
+            ev.append(r)
+            since = []
+    zero = (dict(old["curve"][0], type="eval") if old and old.get("command") == cmd and old["curve"][0]["step"] == 0
+            else init_point(out, base["knn_acc_random_init"]))
+    for e in [zero] + ev:
+        pts.append({"step": e.get("step", 0), "epoch": e["epoch"], **{k: e.get(k) for k in KEYS},
+                    "dino_over_lnK": e.get("dino_over_lnK"), "train_s": e.get("train_s")})
+    args = ck["args"]
+    last = pts[-1]
+    return {"command": cmd, "seed": seed, "steps": last["step"], "epochs_run": last["epoch"],
+            "epochs_planned": args["epochs"], "finished": summary is not None,
+            "wall_s": summary["wall_s"] if summary else None,
+            "train_s_from_log": round(sum(p["train_s"] or 0 for p in pts), 1),
+            "knn_acc": last["knn_acc"], "knn_acc_random_init": base["knn_acc_random_init"],
+            "knn_acc_raw_pixels": base["knn_acc_raw_pixels"],
+            "knn_acc_best": max(p["knn_acc"] for p in pts),
+            "goal_met": last["knn_acc"] >= base["knn_acc_random_init"] + 0.20 and
+            last["knn_acc"] >= base["knn_acc_raw_pixels"] + 0.05,
+            "curve": pts}
+
+
+def learnable(runs_dir, assets, old):
+    runs, screens = [], {}
+    before = {r["command"]: r for r in old.get("learnable_data", []) + list(old.get("learnable_data_screens", {})
+                                                                               .get("ssl", {}).values())}
+    for name, flags in LEARNABLE.items():
+        out, summary, cmd = run_or_resume(name, flags, runs_dir)
+        if out is not None:
+            runs.append(curve(out, summary, cmd, int(flags[flags.index("--seed") + 1]), before.get(cmd)))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import screen_data  # the candidates that are not in dinov3_mini
+    for cand in SCREENS:
+        out = os.path.join(runs_dir, f"screen_{cand}")
+        if os.path.exists(os.path.join(out, "checkpoint.pt")):
+            screen_data.install(cand)
+            ck_args = dm.load_checkpoint(os.path.join(out, "checkpoint.pt"))["args"]
+            cmd = (f"python bench/screen_data.py --ssl {cand} --epochs {ck_args['epochs']} --eval-every "
+                   f"{ck_args['eval_every']} --seed {ck_args['seed']}")
+            sp = os.path.join(out, "summary.json")
+            screens[cand] = curve(out, json.load(open(sp)) if os.path.exists(sp) else None, cmd, ck_args["seed"],
+                                  before.get(cmd))
+    table = os.path.join(runs_dir, "screen.json")  # bench/screen_data.py's table: baselines, supervised ViT
+    screens = {"table": json.load(open(table)) if os.path.exists(table) else {}, "ssl": screens}
+    draw_learnable(runs, screens["ssl"], os.path.join(assets, "textures_curves.png"))
+    return runs, screens
+
+
+def draw_learnable(runs, screens, path):
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(16, 3.8))
+    ax = fig.subplots(1, 4)
+    entries = [(f"textures, seed {r['seed']}", r, "-") for r in runs] + \
+              [(f"{c} (screen, seed {r['seed']})", r, ":") for c, r in screens.items()]
+    for a, (k, lab) in zip(ax, (("knn_acc", "k-NN accuracy (CLS)"), ("dense_fg_miou", "object/background probe mIoU"),
+                                ("dense_miou", "11-class dense probe mIoU"), ("similarity_locality", "similarity locality"))):
+        for i, (name, r, ls) in enumerate(entries):
+            steps = [p["step"] for p in r["curve"]]
+            a.plot(steps, [p[k] for p in r["curve"]], "o" + ls, ms=3, color=f"C{i}", label=name)
+            if k == "knn_acc":
+                a.axhline(r["knn_acc_raw_pixels"], color=f"C{i}", ls="--", lw=0.8)
+                a.axhline(r["knn_acc_random_init"], color=f"C{i}", ls="-.", lw=0.8)
+        lo, hi = a.get_ylim()
+        mid = (lo + hi) / 2
+        a.set_ylim(min(lo, mid - 0.05), max(hi, mid + 0.05))  # at least 0.1 tall: no wiggle drawn as a trend
+        a.set_title(lab + ("\n(dashed: raw pixels, dash-dot: random-init ViT)" if k == "knn_acc" else ""), fontsize=9)
+        a.set_xlabel("step (64 images each)")
+        a.legend(fontsize=7)
+    fig.suptitle("The default recipe (nano ViT, 4 registers) on `--dataset textures` (10 epochs of 10k images), "
+                 "and screens of other candidates")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    print(f"wrote {path}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "results"), help="Where the runs go (one "
                    "folder each); finished runs with the same configuration are reused.")
     p.add_argument("--assets", default=os.path.join(ROOT, "assets"), help="Where results.json and the PNGs go.")
-    p.add_argument("--only", choices=("storage", "collapse"), default=None, help="One of the two experiments.")
+    p.add_argument("--only", choices=("storage", "collapse", "learnable"), default=None, help="One of the "
+                   "experiments.")
     p.add_argument("--seeds", type=int, default=3, help="Seeds per register count (docs/results.md has 3).")
     p.add_argument("--registers", type=int, nargs="+", default=list(REGISTERS), help="Register counts to run "
                    "now; the others keep their entries of an existing results.json.")
@@ -289,6 +405,8 @@ def main():
                               "registers": storage(a.runs_dir, a.registers, a.seeds, a.assets, old)}
     if a.only in (None, "collapse"):
         results["collapse"] = {"preset": dm.PRESETS["collapse"], "runs": collapse(a.runs_dir, a.assets)}
+    if a.only in (None, "learnable"):
+        results["learnable_data"], results["learnable_data_screens"] = learnable(a.runs_dir, a.assets, results)
     results["hardware"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     results["outlier_rule"] = f"norm > median + {dm.OUTLIER_K:g} x 1.4826 x MAD and > 2 x median (patch output norms)"
     with open(path, "w") as f:

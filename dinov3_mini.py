@@ -1185,14 +1185,16 @@ def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1
 def koleo_loss(x, eps=1e-8):
     """KoLeo (Sablayrolles et al. 2019): -mean_i log(min_{j != i} ||x_i - x_j||), x (B, D) L2-normalised here.
 
-    Spreads the batch's features uniformly; on one process's batch, as in the reference."""
-    x = F.normalize(x.float(), dim=-1, eps=eps)
-    with torch.no_grad():
-        sim = x @ x.t()  # (B, B)
-        sim.fill_diagonal_(-2.0)  # never pick yourself
-        nn_idx = sim.argmax(dim=1)  # (B,) nearest neighbour = highest cosine
-    dist_nn = F.pairwise_distance(x, x[nn_idx], eps=eps)  # (B,)
-    return -torch.log(dist_nn + eps).mean()
+    Spreads the batch's features uniformly; on one process's batch, as in the reference. Computed in fp32 with
+    autocast off, as the reference does: in bf16 the nearest neighbour of close features can flip."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = F.normalize(x.float(), dim=-1, eps=eps)
+        with torch.no_grad():
+            sim = x @ x.t()  # (B, B)
+            sim.fill_diagonal_(-2.0)  # never pick yourself
+            nn_idx = sim.argmax(dim=1)  # (B,) nearest neighbour = highest cosine
+        dist_nn = F.pairwise_distance(x, x[nn_idx], eps=eps)  # (B,)
+        return -torch.log(dist_nn + eps).mean()
 
 
 def gram_loss(student_patches, teacher_patches):

@@ -14,7 +14,8 @@ What is here, in the order the paper tells it:
   7. training    -- AdamW with the reference schedules, checkpoints, resume, logs
   8. evaluation  -- weighted k-NN on the teacher's CLS token, plus raw-pixel and random-init baselines
   9. analysis    -- the instruments: token norms and high-norm outliers, attention, PCA and similarity
-                    maps, dense probe, effective rank (`--analyze`, `--plot-log`)
+                    maps, dense probe, effective rank (`--analyze`, `--plot-log`); also on the released DINOv2
+                    (with and without registers) and DINOv3 weights, loaded into this file's ViT
  10. command line
 
 Papers: DINO (Caron et al. 2021, arXiv 2104.14294), iBOT (Zhou et al. 2021, arXiv 2111.07832),
@@ -29,11 +30,11 @@ Deliberately left out (see README, faithfulness table): the 7B model and its dis
 high-resolution adaptation phase, the text alignment, FSDP. Everything else is scaled down, not cut.
 """
 import argparse
-import copy
 import json
 import math
 import os
 import pickle
+import re
 import signal
 import sys
 import tempfile
@@ -58,17 +59,17 @@ MODELS = {
     "small": dict(dim=384, depth=12, heads=6, head_hidden=2048, prototypes=4096),
     "base": dict(dim=768, depth=12, heads=12, head_hidden=2048, prototypes=4096),
 }
-# Experiment presets (issue 5's two failures at small scale): named flag sets, filled in before the
-# other defaults; a flag given on the command line still wins. Measured results: README "Results".
+# Experiment presets (the two failures at small scale): named flag sets, filled in before the
+# other defaults; a flag given on the command line still wins. Measured results: docs/results.md.
 PRESETS = {
     # storage: the default run (10k scenes, 3 epochs, about 10 CPU minutes) as a plain ViT without registers,
     # its instruments logged every epoch; add `--registers 4` (or 1, 2) for the fix, `--seed` for spread.
     # Artifacts are tokens the blocks have written several times their embedding's norm into; with the
     # nano defaults (LayerScale 0.1) the blocks write about 2% of it in this budget, so here LayerScale is
-    # off, the lr 2.5x and layer decay off: the setting with the largest writes we measured (README "Results").
+    # off, the lr 2.5x and layer decay off: the setting with the largest writes found (docs/results.md).
     "artifacts": dict(registers=0, eval_every=1, layerscale=0.0, lr=1e-2, layer_decay=1.0),
     # signal: the same free-writing setting with the default 4 registers (so storage is not the question),
-    # where the patches' similarity maps lose a little locality over training (measured in README "Results").
+    # where the patches' similarity maps lose a little locality over training (docs/results.md).
     # Add `--gram --gram-teacher-epoch 1 --gram-start 1` for the fix (Gram teacher = the epoch-1 EMA teacher),
     # `--ibot-weight 0` for the global objective alone.
     "collapse": dict(layerscale=0.0, lr=1e-2, layer_decay=1.0, eval_every=1),
@@ -76,22 +77,46 @@ PRESETS = {
 DATASETS = ("scenes", "textures", "cifar10", "cifar100", "stl10", "imagenette", "folder")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but an error is one line and a pointer to --help instead of the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: ...)" as it would be typed, only where the text does not give the default itself."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or isinstance(d, bool) or d is argparse.SUPPRESS or "Default" in action.help:
+            return action.help
+        return f"{action.help} (default: {' '.join(map(str, d)) if isinstance(d, (tuple, list)) else d})"
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         "dinov3_mini", description="DINOv3 in one file: registers, RoPE, DINO + iBOT + KoLeo + Gram anchoring.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+        usage="python dinov3_mini.py [options]", formatter_class=HelpFormatter)
+    group = {name: p.add_argument_group(name) for name in (
+        "model", "data", "augmentation", "recipe and losses", "Gram anchoring", "schedule and optimiser",
+        "run and output", "modes (instead of training)")}
+    a = group["recipe and losses"].add_argument
     a("--preset", default=None, choices=list(PRESETS), help="A named flag set for the two failure modes. "
       "artifacts: 0 registers, LayerScale off, lr 1e-2, no layer decay, instruments every epoch; collapse: the "
-      "same with 4 registers (add --gram ...). Flags given explicitly override it. See README \"Results\".")
+      "same with 4 registers (add --gram ...). Flags given explicitly override it. See docs/results.md.")
     # data
+    a = group["data"].add_argument
     a("--dataset", default="scenes", choices=DATASETS, help="`scenes` and `textures` are built in and need no "
       "download (textures: one large object whose surface texture is its class, made for learning at small scale, "
-      "see docs/data.md; scenes: a small shape among distractors); the others download into --data-dir on first use (`folder`: any folder of class subfolders).")
+      "see docs/data.md; scenes: a small shape among distractors); the others download into --data-dir on first "
+      "use (`folder`: any folder of class subfolders).")
     a("--data-dir", default="./data", help="Where datasets live or are downloaded to; point it at an existing "
       "copy to skip the download (for `folder`: the folder itself, optionally with train/ and val/).")
     a("--image-size", type=int, default=None, help="Global crop size in pixels (reference 224). Default: the "
-      "dataset's native size (scenes and textures 32, CIFAR 32, STL-10 96, Imagenette 64). Must be divisible by --patch-size.")
+      "dataset's native size (scenes and textures 32, CIFAR 32, STL-10 96, Imagenette 64). Must be divisible by "
+      "--patch-size.")
+    a = group["augmentation"].add_argument
     a("--local-size", type=int, default=None, help="Local crop size (reference 96 for 224 globals). Default: "
       "half of --image-size, rounded to the patch size. Must be smaller than --image-size.")
     a("--local-crops", type=int, default=6, help="Number of local crops (reference 8). Each adds a short student "
@@ -100,9 +125,12 @@ def get_args_parser():
       "0.32 1.0). A lower minimum makes the task harder and the invariance stronger.")
     a("--local-scale", type=float, nargs=2, default=(0.05, 0.32), help="Area range of local crops (reference "
       "0.05 0.32). Above ~0.4 local and global views overlap so much that the task becomes trivial.")
-    a("--num-images", type=int, default=None, help="Cap the training set for quick runs (scenes and textures have 10000).")
+    a = group["data"].add_argument
+    a("--num-images", type=int, default=None, help="Cap the training set for quick runs (scenes and textures have "
+      "10000).")
     a("--workers", type=int, default=4, help="Threads used to decode image files for `folder`/`imagenette`.")
     # model
+    a = group["model"].add_argument
     a("--model", default="nano", choices=list(MODELS), help="Preset: nano (64-d, 6 layers, 2 heads; CPU), "
       "tiny (192-d, 12 layers, 3 heads), small (384-d, 12, 6), base (768-d, 12, 12).")
     a("--dim", type=int, default=None, help="Override the preset's width.")
@@ -125,6 +153,7 @@ def get_args_parser():
     a("--rope-jitter", type=float, default=1.0, help="Train-time per-axis RoPE scale jitter, log-uniform in "
       "[1/x, x] (off = 1, as in the released config).")
     # heads and losses
+    a = group["recipe and losses"].add_argument
     a("--prototypes", type=int, default=None, help="K, the number of prototypes of both heads (reference "
       "65536 on ImageNet; here 4096, nano 1024). Small data converges faster with 1k-8k; too few caps what the "
       "features can separate.")
@@ -149,6 +178,7 @@ def get_args_parser():
       "crops (reference 0.1 0.5).")
     a("--mask-prob", type=float, default=0.5, help="Fraction of global crops that are masked (reference 0.5).")
     # Gram anchoring
+    a = group["Gram anchoring"].add_argument
     a("--gram", action="store_true", help="Turn on Gram anchoring (DINOv3 Sec. 4): match the patch-similarity "
       "structure of a frozen earlier teacher.")
     a("--gram-weight", type=float, default=2.0, help="Gram loss weight (reference 2.0), ramped in by a cosine.")
@@ -173,6 +203,7 @@ def get_args_parser():
     a("--gram-hires", action="store_true", help="Give the Gram teacher the same crop at 2x resolution without "
       "colour distortion, and bicubic-downsample its patch features to the student's grid (DINOv3 Sec. 4.3).")
     # optimisation
+    a = group["schedule and optimiser"].add_argument
     a("--epochs", type=int, default=3, help="Training epochs (reference 100 on ImageNet-scale data). The two "
       "failure modes need long runs; the default is sized for a 10-minute CPU demo.")
     a("--batch-size", type=int, default=64, help="Global batch size (reference 1024+); the lr scales with "
@@ -192,6 +223,7 @@ def get_args_parser():
     a("--freeze-last-layer-epochs", type=int, default=1, help="Epochs during which the prototypes are frozen "
       "(reference 1), a stabiliser from DINO.")
     # run
+    a = group["run and output"].add_argument
     a("--eval-every", type=int, default=4, help="Run k-NN every this many epochs (and always at the end).")
     a("--knn-k", type=int, default=20, help="k of the weighted k-NN (reference 20).")
     a("--knn-temp", type=float, default=0.07, help="Temperature of the k-NN vote weights (reference 0.07).")
@@ -206,11 +238,15 @@ def get_args_parser():
     a("--analyze-images", type=int, default=1000, help="Test images the instruments read, at each evaluation "
       "and in --analyze (half train the dense probe, half score it).")
     # analysis commands (no training)
+    a = group["modes (instead of training)"].add_argument
     a("--analyze", metavar="RUN_DIR_OR_CHECKPOINT", default=None, help="Instead of training: measure a trained "
       "teacher (token norms and outliers, attention, PCA/similarity maps, dense probe) and write analysis/*.png "
-      "and analysis/metrics.json next to its checkpoint.")
-    a("--benchmark", action="store_true", help="Instead of training: time the full training step and the data "
-      "pipeline with the given model and crop flags, count FLOPs, and print MFU against a measured matmul peak.")
+      "and analysis/metrics.json next to its checkpoint. Or a released backbone, on photographs: dinov2_vit{s,b,l}14 "
+      "and their _reg versions (downloaded once), dinov3_vit{s,b,l}16 with --weights, or a weights file.")
+    a("--weights", metavar="PATH", default=None, help="With --analyze NAME: the released weights from a local file "
+      "(downloaded elsewhere, or DINOv3's after its licence form) instead of the download.")
+    a("--images", metavar="DIR", default=None, help="With --analyze of a released model: your own photos (every "
+      "image file under DIR, up to --analyze-images) instead of matplotlib's sample photo of Grace Hopper.")
     a("--plot-log", metavar="RUN_DIR", default=None, help="Instead of training: plot RUN_DIR/log.jsonl (k-NN, "
       "dense mIoU, outlier fraction, collapse signatures vs epoch) into RUN_DIR/analysis/log.png.")
     return p
@@ -232,6 +268,8 @@ def resolve_args(args, parser):
         if getattr(args, k) is None:
             setattr(args, k, preset[k])
     native = {"scenes": 32, "textures": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagenette": 64, "folder": 64}
+    if args.analyze and args.image_size is None:  # a released model's photos (a run of this file uses its own size)
+        args.image_size = 448  # a 32 x 32 grid at patch 14, 28 x 28 at patch 16
     args.image_size = args.image_size or native[args.dataset]
     if args.local_size is None:
         args.local_size = max(args.patch_size, (args.image_size // 2) // args.patch_size * args.patch_size)
@@ -274,6 +312,8 @@ def resolve_args(args, parser):
     if args.gram_local_weight < 0 or not 0 <= args.gram_momentum < 1:
         errors.append(f"--gram-local-weight must be 0 or more and --gram-momentum in [0, 1), got "
                       f"{args.gram_local_weight} and {args.gram_momentum}")
+    if (args.weights or args.images) and not args.analyze:
+        errors.append("--weights and --images go with --analyze NAME (a released model, e.g. dinov2_vitl14)")
     if args.num_images is not None and args.num_images <= 0:
         errors.append(f"--num-images must be positive, got {args.num_images}")
     if args.gram and args.gram_teacher is None and args.gram_teacher_epoch >= args.epochs:
@@ -465,11 +505,37 @@ class DataUnavailable(Exception):
     """A dataset could not be found or fetched; the command line turns this into a one-paragraph message."""
 
 
+# The published MD5s of the archives, and of CIFAR's pickled batches (as torchvision's dataset classes check
+# them): an archive is checked before it is unpacked, a pickle before it is unpickled (unpickling runs code).
+MD5 = {"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+       "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+       "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz": "91f7769df0f17e558f3565bffb0c7dfb",
+       "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz": "e793b78cc4c9e9a4ccc0c1155377a412",
+       "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+       "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+       "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+       "train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"}
+
+
+def check_md5(path, md5):
+    """Refuse (DataUnavailable) a file whose MD5 is not the published one: corrupt, truncated or replaced."""
+    import hashlib
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != md5:
+        raise DataUnavailable(f"{path} does not have the published MD5 ({h.hexdigest()} instead of {md5}): it is "
+                              "corrupt, truncated or not the original file, so it was not read. Delete it to download "
+                              "it again")
+
+
 def _fetch(url, root, md5=None):
-    """Download and extract an archive into root with torchvision's helper; no network -> DataUnavailable."""
+    """Download and extract an archive into root with torchvision's helper, which checks the archive's published
+    MD5 before unpacking; no network or a wrong checksum -> DataUnavailable."""
     from torchvision.datasets.utils import download_and_extract_archive
     try:
-        download_and_extract_archive(url, download_root=root, md5=md5)
+        download_and_extract_archive(url, download_root=root, md5=md5 or MD5.get(url))
     except Exception as e:  # URLError, HTTPError, socket errors, a broken archive: all mean "not here"
         raise DataUnavailable(f"could not fetch {url} into {root} ({type(e).__name__}: {e})") from None
 
@@ -487,6 +553,7 @@ def _read_cifar(root, name):
     for split, fs in files.items():
         xs, ys = [], []
         for f in fs:
+            check_md5(os.path.join(d, f), MD5[f])  # before unpickling: a pickle can carry code
             with open(os.path.join(d, f), "rb") as fh:
                 e = pickle.load(fh, encoding="latin1")
             xs.append(torch.as_tensor(e["data"], dtype=torch.uint8).view(-1, 3, 32, 32))
@@ -511,13 +578,31 @@ def _read_stl10(root):
             "unlabeled": (x("unlabeled_X.bin"), None)}
 
 
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _load_image(path, size):
+    """An image file -> uint8 (3, size, size): shorter side resized to size (bicubic), centre-cropped; None if
+    the file cannot be read."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            s = size / min(im.size)
+            im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BICUBIC)
+            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+    except Exception:
+        return None  # unreadable file: skipped and counted
+
+
 def _read_folder(root, size, workers):
     """Class-subfolder images, resized (shorter side) and centre-cropped to size: {split: (x, y)}, classes.
 
     Uses root/train and root/val when present, else holds out every 10th file of each class for testing."""
     from concurrent.futures import ThreadPoolExecutor
-    from PIL import Image
-    exts = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+    exts = IMAGE_EXTS
     if not os.path.isdir(root):
         raise UsageError(f"--data-dir {root}: the image folder does not exist (for --dataset folder, point "
                          "--data-dir at a folder of class subfolders)")
@@ -527,18 +612,6 @@ def _read_folder(root, size, workers):
     if not classes:
         raise UsageError(f"--data-dir {splits['train']} has no class subfolders (--dataset folder expects "
                          "DIR/class_name/image files, optionally under DIR/train and DIR/val)")
-
-    def load(path):
-        try:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                s = size / min(im.size)
-                im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BICUBIC)
-                left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-                return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
-        except Exception:
-            return None  # unreadable file: skipped and counted
 
     out, skipped = {}, 0
     for split, d in splits.items():
@@ -550,7 +623,7 @@ def _read_folder(root, size, workers):
                 files = [f for i, f in enumerate(files) if (i % 10 == 9) == (split == "val")]
             items += [(os.path.join(d, c, f), ci) for f in files]
         with ThreadPoolExecutor(max(1, workers)) as ex:
-            imgs = list(ex.map(load, [p for p, _ in items]))
+            imgs = list(ex.map(lambda p: _load_image(p, size), [p for p, _ in items]))
         keep = [i for i, im in enumerate(imgs) if im is not None]
         skipped += len(items) - len(keep)
         if not keep:
@@ -885,7 +958,8 @@ class ViT(nn.Module):
 
     def __init__(self, *, image_size=32, patch_size=4, dim=192, depth=12, heads=3, num_registers=4,
                  mlp_ratio=4.0, layerscale=1e-5, drop_path=0.0, rope_base=100.0, rope_shift=0.0,
-                 rope_jitter=1.0, rope_rescale=2.0, untie_local_norm=False):
+                 rope_jitter=1.0, rope_rescale=2.0, untie_local_norm=False, pos_grid=0, pos_offset=0.1,
+                 pos_antialias=False):
         super().__init__()
         self.image_size, self.patch_size, self.dim, self.num_registers = image_size, patch_size, dim, num_registers
         self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
@@ -900,6 +974,13 @@ class ViT(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)  # DINOv3's init (DINOv2: 1e-6)
         nn.init.normal_(self.registers, std=0.02)
         self.apply(_init_weights)
+        # pos_grid > 0: DINOv2's learned absolute position embedding instead of RoPE (to run its released weights):
+        # one vector for CLS and a G x G grid (G = 37: 518 px / patch 14), resized to other grids in positions().
+        # RoPE gets infinite periods, so every angle is 0 and its rotation is the identity.
+        self.pos_embed, self.pos_interp = None, (pos_offset, pos_antialias)
+        if pos_grid:
+            self.pos_embed = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1 + pos_grid ** 2, dim), std=0.02))
+            self.rope.periods.fill_(math.inf)
 
     def forward(self, x, masks=None, return_norms=False, return_attn=False, local=False):
         """x (B,3,H,W), masks (B,N) bool or None -> dict with cls (B,D), registers (B,R,D), patches (B,N,D),
@@ -913,6 +994,8 @@ class ViT(nn.Module):
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         B = x.shape[0]
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.registers.expand(B, -1, -1), x], dim=1)  # (B, 1+R+N, D)
+        if self.pos_embed is not None:  # DINOv2: after the mask token, as there; registers get no position
+            x = x + self.positions(h, w).to(x.dtype)
         P = 1 + self.num_registers
 
         def rope_tables():  # (N, D_h) for the patches, padded with the identity rotation for CLS and registers
@@ -946,6 +1029,21 @@ class ViT(nn.Module):
         if return_attn:
             out["attn"] = attns
         return out
+
+    def positions(self, h, w):
+        """DINOv2's learned position embeddings for an h x w patch grid -> (1, 1+R+N, D), zero on the registers.
+        The G x G grid is resized bicubically as dinov2's interpolate_pos_encoding does: unchanged at G x G,
+        else to (h + offset) / G, (w + offset) / G by scale factor (offset 0.1, no antialias: the models without
+        registers) or to the size itself (offset 0, antialias: the _reg models)."""
+        pos = self.pos_embed.float()  # (1, 1 + G*G, D)
+        G, (offset, antialias) = math.isqrt(pos.shape[1] - 1), self.pos_interp
+        grid = pos[:, 1:]
+        if (h, w) != (G, G):
+            kw = dict(scale_factor=((h + offset) / G, (w + offset) / G)) if offset else dict(size=(h, w))
+            grid = F.interpolate(rearrange(grid, "1 (g k) d -> 1 d g k", g=G), mode="bicubic", antialias=antialias, **kw)
+            grid = rearrange(grid, "1 d h w -> 1 (h w) d")  # (1, N, D)
+        regs = pos.new_zeros(1, self.num_registers, pos.shape[-1])
+        return torch.cat([pos[:, :1], regs, grid], dim=1).to(self.pos_embed.dtype)  # (1, 1+R+N, D)
 
 
 def _init_weights(m):
@@ -1272,8 +1370,8 @@ def gram_ramp(it, sched, args):
     start = args.gram_start * spe
     if it < start:
         return 0.0
-    ramp = max(1, round(args.gram_ramp_epochs * spe))
-    return 0.5 * (1 - math.cos(math.pi * min(1.0, (it - start) / ramp)))
+    ramp = max(2, round(args.gram_ramp_epochs * spe))  # iterations; the cosine's last one reaches 1
+    return 0.5 * (1 - math.cos(math.pi * min(1.0, (it - start) / (ramp - 1))))
 
 
 def gram_weight(it, sched, args):
@@ -1328,14 +1426,29 @@ class CheckpointError(Exception):
     pass
 
 
-def load_checkpoint(path, args=None):
-    """Load a checkpoint dict; refuse (CheckpointError) one that is truncated, not ours, or of another model."""
+def safe_load(path):
+    """torch.load with weights_only=True: a checkpoint is data (tensors, numbers, strings, lists, dicts), and a
+    pickle that would run code while loading (an object with a __reduce__ calling anything) is refused
+    (CheckpointError), as is a file that is missing, truncated or corrupt."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path} does not exist") from None
+    except pickle.UnpicklingError as e:
+        what = re.search(r"GLOBAL ([\w.]+)", str(e))  # the function or class the pickle asks for
+        raise CheckpointError(
+            f"{path} holds more than tensors and plain data: loading it would call {what[1] if what else 'code'} "
+            "from inside the file, so it was not loaded. Checkpoints and weights are read with "
+            "torch.load(weights_only=True), which runs no code from the file; only use files from a source you "
+            "trust, and ask for a plain state dict (tensors only)") from None
     except Exception as e:
         raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({type(e).__name__})") from None
+
+
+def load_checkpoint(path, args=None):
+    """Load a checkpoint dict; refuse (CheckpointError) one that is truncated, carries code, is not ours, or is
+    of another model."""
+    ck = safe_load(path)
     if not isinstance(ck, dict) or "teacher" not in ck or "args" not in ck:
         raise CheckpointError(f"{path} is not a dinov3_mini checkpoint")
     if args is not None:
@@ -1357,8 +1470,9 @@ class Stop:
         self.pending = signum
 
 
-def train(args):
-    """Train; returns the summary dict (also written to --out-dir/summary.json)."""
+def train(args, t_start=None):
+    """Train; returns the summary dict (also written to --out-dir/summary.json). wall_s counts from t_start
+    (main passes its own start, so the setup is included), else from the start of the loop."""
     # ---- device, distributed, seeds: handled once, here
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     device = pick_device(args.device)
@@ -1375,7 +1489,6 @@ def train(args):
     master = rank == 0
     print0(f"device: {device}" + (f" x {world} processes" if ddp else ""))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()  # bf16: GPU only
-    os.makedirs(args.out_dir, exist_ok=True)
     ck_path = os.path.join(args.out_dir, "checkpoint.pt")
     log_path = os.path.join(args.out_dir, "log.jsonl")
 
@@ -1420,8 +1533,6 @@ def train(args):
         gen.set_state(ck["gen_state"])
         torch.set_rng_state(ck["rng_state"])
         print0(f"resumed from {ck_path} at step {start_step} (epoch {start_step // steps_per_epoch})")
-    elif master:
-        open(log_path, "w").close()
     if args.gram and args.gram_teacher and gram_teacher is None:
         gram_teacher = make_gram_teacher(teacher.backbone)
         try:  # the local-crop norm (--untie-local-norm) is never used by a Gram teacher, so it may be absent
@@ -1437,9 +1548,10 @@ def train(args):
         print0("baselines: " + ", ".join(f"{k} {v:.3f}" for k, v in baselines.items()))
 
     model = student
-    if ddp:
+    if ddp:  # parameters without a gradient in some runs: the iBOT head at weight 0, an unused local norm
+        unused = args.ibot_weight == 0 or (args.untie_local_norm and args.local_crops == 0)
         model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
-                                                    else None, find_unused_parameters=args.ibot_weight == 0)
+                                                    else None, find_unused_parameters=unused)
     if args.compile:
         model, teacher_fwd = torch.compile(model), torch.compile(teacher)
     else:
@@ -1454,7 +1566,9 @@ def train(args):
 
     stop = Stop()
     old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    log = open(log_path, "a") if master else None
+    if master:  # the out-dir is written from here on, not before: a failed or interrupted setup leaves nothing
+        os.makedirs(args.out_dir, exist_ok=True)
+    log = open(log_path, "a" if args.resume else "w") if master else None
     bar = None
     if master and not args.no_progress:
         from tqdm import tqdm
@@ -1542,8 +1656,8 @@ def train(args):
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                 if bar is not None:
-                    bar.set_postfix({k: rec[k] for k in ("loss", "dino", "ibot", "koleo", "gram", "lr", "img_per_s")
-                                     if k in rec}, refresh=False)
+                    bar.set_postfix({k.replace("_over_lnK", "/lnK"): rec[k] for k in ("loss", "dino_over_lnK", "ibot",
+                                     "koleo", "gram", "lr", "img_per_s") if k in rec}, refresh=False)
             if bar is not None:
                 bar.update(1)
             if epoch_end and ((step // steps_per_epoch) % args.eval_every == 0 or step == total_steps):
@@ -1579,7 +1693,8 @@ def train(args):
         knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)["cls"]
     summary = {"knn_acc": knn_acc, **baselines,
                "images_per_s": round((step - start_step) * args.batch_size / max(train_time, 1e-9), 1),
-               "wall_s": round(time.time() - t0, 1), "device": str(device), "steps": step, "config": vars(args)}
+               "wall_s": round(time.time() - (t_start or t0), 1), "device": str(device), "steps": step,
+               "config": vars(args)}
     if master:
         with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
@@ -1592,121 +1707,6 @@ def train(args):
     if ddp:
         dist.destroy_process_group()
     return summary
-
-
-# ---- benchmark: what one training step costs, and how much of the hardware it uses
-
-def measure_matmul_peak(device, dtype, n=None, reps=10):
-    """Measured matmul peak (TFLOP/s) of this device and dtype: median of `reps` square n x n matmuls."""
-    n = n or (8192 if device.type == "cuda" else 2048)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    times = []
-    for i in range(reps + 2):
-        _sync(device)
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / sorted(times[2:])[reps // 2] / 1e12
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def benchmark(args, warmup=3, reps=10):
-    """--benchmark: time the full training step (multi-crop, student and teacher forwards, every loss on
-    (Gram with --gram), backward, AdamW, EMA) and the data pipeline alone; count the FLOPs of one step;
-    print a table and, last, one JSON line. FLOPs are counted by torch.utils.flop_counter (matmuls,
-    convolutions and attention, forward and backward; element-wise work is not counted), per image."""
-    from torch.utils.flop_counter import FlopCounterMode
-    device = pick_device(args.device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    torch.manual_seed(args.seed)
-    B, grid = args.batch_size, args.image_size // args.patch_size
-    images = make_scenes("train", max(B, 256), args.image_size * (2 if args.gram_hires else 1), args.seed)[0].to(device)
-    student = DINOModel(build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck,
-                        args.norm_last_layer).to(device)
-    teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    gram_teacher = make_gram_teacher(teacher.backbone) if args.gram else None
-    opt = torch.optim.AdamW(param_groups(student, args.depth, args.layer_decay), lr=1e-4,
-                            fused=device.type in ("cuda", "cpu"))
-    sched = make_schedules(args, 100)
-    sched["steps_per_epoch"] = 1
-    bargs = copy.copy(args)
-    bargs.gram_start, bargs.gram_ramp_epochs = 0, 1e-9  # the Gram loss at full weight from step 0
-    model, teacher_fwd = (torch.compile(student), torch.compile(teacher)) if args.compile else (student, teacher)
-    gen = torch.Generator().manual_seed(args.seed)
-
-    def data(i):
-        batch = images[(torch.arange(B, device=device) + i * B) % len(images)]
-        crops = multicrop(batch, args, gen)
-        masks = ibot_masks(2 * B, grid, args, gen).to(device) if args.ibot_weight > 0 else None
-        return batch, crops, masks
-
-    def step(i, batch, crops, masks):
-        with amp:
-            total, _, _ = compute_losses(model, teacher_fwd, gram_teacher, batch, crops, masks, 50, sched, bargs)
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        clip_gradients(student, args.clip_grad)
-        opt.step()
-        ema_update(teacher, student, 0.996)
-
-    def timed(fn):
-        ts = []
-        for i in range(warmup + reps):
-            _sync(device)
-            t = time.perf_counter()
-            fn(i)
-            _sync(device)
-            ts.append(time.perf_counter() - t)
-        return sorted(ts[warmup:])[reps // 2]  # the median, after warm-up
-
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t_full = timed(lambda i: step(i, *data(i)))
-    fixed = data(0)
-    t_model = timed(lambda i: step(i, *fixed))
-    t_data = timed(data)
-    flop = FlopCounterMode(display=False)
-    with flop:
-        step(0, *fixed)
-    flops_per_img = flop.get_total_flops() / B
-    if device.type == "cuda":
-        peak_mem = torch.cuda.max_memory_allocated() / 2 ** 20
-    else:
-        import resource
-        peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = measure_matmul_peak(device, dtype)
-    achieved = flops_per_img * B / t_model / 1e12
-    res = {"train_img_per_s": round(B / t_full, 2), "model_step_img_per_s": round(B / t_model, 2),
-           "data_img_per_s": round(B / t_data, 1), "flops_per_img": round(flops_per_img),
-           "achieved_tflops": round(achieved, 4), "peak_tflops": round(peak, 4), "mfu": round(achieved / peak, 4),
-           "peak_mem_mb": round(peak_mem, 1), "device": str(device) + (f" ({torch.cuda.get_device_name()})"
-                                                                      if device.type == "cuda" else ""),
-           "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(), "batch_size": B,
-           "model": f"{args.model} dim {args.dim} depth {args.depth} heads {args.heads}",
-           "crops": f"2x{args.image_size}px + {args.local_crops}x{args.local_size}px, patch {args.patch_size}",
-           "losses": "dino" + ("+ibot" if args.ibot_weight > 0 else "") + ("+koleo" if args.koleo_weight > 0 else "")
-           + ("+gram" if args.gram else "")}
-    rows = [("full training step (data + model)", f"{res['train_img_per_s']:.1f} img/s", f"{1000 * t_full:.0f} ms"),
-            ("model step alone (fwd, bwd, AdamW, EMA)", f"{res['model_step_img_per_s']:.1f} img/s",
-             f"{1000 * t_model:.0f} ms"),
-            ("data pipeline alone (multi-crop + masks)", f"{res['data_img_per_s']:.1f} img/s",
-             f"{1000 * t_data:.0f} ms"),
-            ("FLOPs per image (counted)", f"{flops_per_img / 1e9:.3f} GFLOP", ""),
-            ("achieved / measured matmul peak", f"{1000 * achieved:.1f} / {1000 * peak:.1f} GFLOP/s",
-             f"MFU {100 * res['mfu']:.1f}%"),
-            ("peak memory", f"{peak_mem:.0f} MB", "")]
-    print(f"benchmark: {res['model']}, {res['crops']}, batch {B}, losses {res['losses']}, {res['device']} "
-          f"{res['dtype']}, medians of {reps} steps after {warmup} warm-up")
-    for r in rows:
-        print(f"  {r[0]:42s} {r[1]:>26s} {r[2]:>12s}")
-    print(json.dumps(res))
-    return res
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2135,6 +2135,192 @@ def plot_log(out_dir):
     return out
 
 
+# ---- the released models: DINOv2 (with and without registers) and DINOv3 weights in this file's ViT, where the
+# high-norm artifacts are known to exist (registers paper, Fig. 1 and 7)
+
+# where dinov2's hubconf.py downloads them (dinov2/hub/backbones.py); the _reg models have 4 registers
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{a}/{a}{r}_pretrain.pth"
+DINOV2_NAMES = [f"dinov2_vit{s}14{r}" for s in "sbl" for r in ("", "_reg")]
+DINOV3_NAMES = ["dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16"]  # behind a licence form: --weights PATH
+# official name -> this file's name: inside each block, and at the top (whole tensors, or modules' weights)
+BLOCK_NAMES = {"norm1": "norm1", "attn.qkv": "attn.qkv", "attn.proj": "attn.proj", "ls1": "ls1", "norm2": "norm2",
+               "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.2", "ls2": "ls2"}
+TOP_NAMES = {"cls_token": "cls_token", "register_tokens": "registers", "storage_tokens": "registers",
+             "pos_embed": "pos_embed", "mask_token": "mask_token", "patch_embed.proj": "patch_embed", "norm": "norm",
+             "rope_embed.periods": "rope.periods", "local_cls_norm": "local_norm"}  # (DINOv3 ViT-L SAT: local crops)
+
+
+def _official_to_ours(sd, vit):
+    """Rename an official backbone state dict onto vit's names and load it strictly; refuse what is not mapped."""
+    ours, unmapped = {}, []
+    for k, v in sd.items():
+        head, _, leaf = k.rpartition(".")
+        blk = re.fullmatch(r"blocks\.(\d+)\.(.+)", head)
+        if k in TOP_NAMES:  # cls_token, pos_embed, ...
+            ours[TOP_NAMES[k]] = v
+        elif head in TOP_NAMES:  # patch_embed.proj.weight -> patch_embed.weight, norm.bias, ...
+            ours[f"{TOP_NAMES[head]}.{leaf}"] = v
+        elif blk and blk[2] in BLOCK_NAMES:  # blocks.N.mlp.fc1.weight -> blocks.N.mlp.0.weight
+            ours[f"blocks.{blk[1]}.{BLOCK_NAMES[blk[2]]}.{leaf}"] = v
+        else:
+            unmapped.append(k)
+    if unmapped:
+        raise CheckpointError(
+            f"the weights hold {len(unmapped)} tensor(s) this file's ViT has no place for ({', '.join(unmapped[:4])}"
+            f"{', ...' if len(unmapped) > 4 else ''}), so they were not loaded. Maps exist for DINOv2 ViT-S/B/L/14 "
+            "(with or without registers) and DINOv3 ViT-S/B/L/16; the SwiGLU feed-forward models (DINOv2 ViT-g/14, "
+            "DINOv3 ViT-S+/L+/H+/7B) are left out")
+    ours["mask_token"] = ours["mask_token"].reshape(1, 1, -1)  # official (1, D)
+    ours.setdefault("registers", vit.registers.detach())  # (1, 0, D) without registers
+    periods = ours.pop("rope.periods", None)  # a buffer here, not part of the state dict
+    try:
+        vit.load_state_dict(ours, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"the weights do not fit the ViT their shapes describe "
+                              f"({str(e).splitlines()[1].strip()[:300]})") from None
+    if periods is not None:
+        vit.rope.periods.copy_(periods)
+    return vit.eval()
+
+
+def load_dinov2(state_dict, heads=None):
+    """A released DINOv2 backbone state dict (official names) -> this file's ViT, eval mode. The architecture is
+    read from the shapes (heads: 64 channels each, as in every released model); LayerNorm eps 1e-6; learned
+    position embeddings, interpolated as the official code does (the _reg models with their own settings).
+    Forward gives cls, registers, patches equal to the official x_norm_clstoken, _regtokens, _patchtokens."""
+    w, pos = state_dict["patch_embed.proj.weight"], state_dict["pos_embed"]  # (D, 3, p, p), (1, 1 + G*G, D)
+    R = state_dict["register_tokens"].shape[1] if "register_tokens" in state_dict else 0
+    vit = _released_vit(state_dict, heads or w.shape[0] // 64, R, eps=1e-6, pos_grid=math.isqrt(pos.shape[1] - 1),
+                        pos_offset=0.0 if R else 0.1, pos_antialias=R > 0)
+    return _official_to_ours(state_dict, vit)
+
+
+def load_dinov3(state_dict):
+    """A released DINOv3 ViT state dict (official names) -> this file's ViT (DINOv3's architecture: RoPE with the
+    stored periods, storage tokens = registers, LayerScale), eval mode, LayerNorm eps 1e-5 (as released). The
+    k part of the qkv bias is masked out in DINOv3 (mask_k_bias): bias_mask is folded into the bias here."""
+    sd = dict(state_dict)
+    for k in [k for k in sd if k.endswith("attn.qkv.bias_mask")]:
+        b = k[:-len("_mask")]
+        sd[b] = sd[b] * sd.pop(k)  # (3D,): ones on q and v, zeros on k
+    D = sd["patch_embed.proj.weight"].shape[0]
+    R = sd["storage_tokens"].shape[1] if "storage_tokens" in sd else 0
+    return _official_to_ours(sd, _released_vit(sd, D // (4 * len(sd["rope_embed.periods"])), R, eps=1e-5))
+
+
+def _released_vit(sd, heads, R, eps, **kw):
+    """The ViT an official state dict describes: width, depth, patch size, MLP width, LayerScale from the shapes."""
+    D, _, p, _ = sd["patch_embed.proj.weight"].shape
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D
+    vit = ViT(image_size=224, patch_size=p, dim=D, depth=depth, heads=heads, num_registers=R, mlp_ratio=hidden / D,
+              layerscale=1.0 if "blocks.0.ls1.gamma" in sd else 0.0,
+              untie_local_norm="local_cls_norm.weight" in sd, **kw)
+    for m in vit.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = eps
+    return vit
+
+
+def load_released(state_dict):
+    """load_dinov2 or load_dinov3, told apart by their position encoding (a learned table or RoPE periods)."""
+    try:
+        if "pos_embed" in state_dict:
+            return load_dinov2(state_dict)
+        if "rope_embed.periods" in state_dict:
+            return load_dinov3(state_dict)
+    except KeyError as e:
+        raise CheckpointError(f"the weights lack the tensor {e}, which every released DINOv2/DINOv3 backbone "
+                              "has") from None
+    raise CheckpointError("the file is neither a run of this file nor a DINOv2/DINOv3 backbone state dict (it has "
+                          "no pos_embed and no rope_embed.periods)")
+
+
+class WeightsUnavailable(Exception):
+    """Released weights could not be downloaded; the command line turns this into a one-paragraph message."""
+
+
+def released_state_dict(name, weights=None):
+    """The state dict of a released model: from --weights PATH, a local file given as the name, or (DINOv2) the
+    official download, cached by torch.hub; every read is torch.load(weights_only=True)."""
+    if weights or (os.path.isfile(name) and name not in DINOV2_NAMES):
+        return safe_load(weights or name)
+    if name in DINOV3_NAMES:
+        raise UsageError(f"the DINOv3 weights are downloaded after accepting Meta's licence form (see the dinov3 "
+                         f"repository's README); then run: --analyze {name} --weights PATH/TO/{name}_pretrain.pth")
+    if name not in DINOV2_NAMES:
+        raise UsageError(f"--analyze {name}: no run folder, checkpoint or weights file of that name, and not a "
+                         f"released model this file can load ({', '.join(DINOV2_NAMES + DINOV3_NAMES)}; the SwiGLU "
+                         "ViT-g/14 and DINOv3's + and 7B models are left out)")
+    a, reg = name.removesuffix("_reg"), name.endswith("_reg")
+    url = DINOV2_URL.format(a=a, r="_reg4" if reg else "")
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True, weights_only=True)
+    except pickle.UnpicklingError:
+        return safe_load(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)))  # its message
+    except Exception as e:  # URLError, HTTPError, socket errors, a broken download: all mean "not here"
+        raise WeightsUnavailable(
+            f"could not download the {name} weights from {url} ({type(e).__name__}: {e}). This machine may have no "
+            f"network. Download that file on another machine, copy it here and run `python dinov3_mini.py --analyze "
+            f"{name} --weights PATH/TO/{os.path.basename(url)}`, or put it into the torch hub cache "
+            f"({os.path.join(torch.hub.get_dir(), 'checkpoints')}), where it is found without a network.") from None
+
+
+def load_photos(folder, size, n):
+    """Up to n photos of a folder as uint8 (N,3,S,S) (shorter side resized, centre crop); matplotlib's sample
+    photo (Grace Hopper) when no folder is given."""
+    if folder is None:
+        from matplotlib import cbook
+        paths = [str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))]
+    elif not os.path.isdir(folder):
+        raise UsageError(f"--images {folder}: the folder does not exist")
+    else:
+        paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTS))
+    imgs = [im for im in (_load_image(p, size) for p in paths[:n]) if im is not None]
+    if not imgs:
+        raise UsageError(f"--images {folder}: no readable image files ({', '.join(IMAGE_EXTS)}) in it")
+    return torch.stack(imgs)
+
+
+def analyze_released(args, state_dict=None):
+    """--analyze on a released backbone: every instrument on photographs, PNGs and metrics.json in --out-dir/NAME."""
+    name = args.analyze
+    backbone = load_released(state_dict if state_dict is not None else released_state_dict(name, args.weights))
+    S, p = args.image_size, backbone.patch_size
+    if S % p:
+        raise UsageError(f"--image-size {S} must be a multiple of the model's patch size {p}")
+    images = load_photos(args.images, S, args.analyze_images)
+    device = pick_device(args.device)
+    tok = collect_tokens(backbone.to(device), images, S, device, batch=2)  # keeps every layer's attention maps
+    metrics, details = analyze(tok)
+    tag = os.path.splitext(os.path.basename(name))[0]
+    out_dir = os.path.join(args.out_dir, tag)
+    title = (f"{tag}: {backbone.dim}-d, {len(backbone.blocks)} blocks, {backbone.num_registers} registers, "
+             f"patch {p}, {len(images)} photo(s) at {S} px")
+    pics = plot_analysis(tok, details, metrics, images, out_dir, title, n_show=min(6, len(images)))
+    metrics.update(model=tag, image_size=S, images=args.images or "grace_hopper.jpg (matplotlib)")
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    for k in ("outlier_fraction", "patch_norm_median", "patch_norm_max", "patch_norm_max_ratio",
+              "patch_norm_bimodality", "register_norm_mean", "outlier_cls_attention_share",
+              "register_cls_attention_share", "patch_cls_cosine"):
+        v = metrics.get(k)
+        print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')} and {len(pics)} pictures in {out_dir}")
+    return metrics
+
+
+def analyze_command(args):
+    """--analyze: a run of this file (folder or checkpoint.pt) or a released backbone (name, --weights, a file)."""
+    path = os.path.join(args.analyze, "checkpoint.pt") if os.path.isdir(args.analyze) else args.analyze
+    if args.weights or not os.path.isfile(path):
+        return analyze_released(args)
+    ck = safe_load(path)
+    if isinstance(ck, dict) and "teacher" in ck and "args" in ck:
+        return analyze_run(args.analyze, args.device, args.analyze_images)
+    return analyze_released(args, ck)
+
+
 def load_teacher(path, device="cpu"):
     """The EMA teacher's backbone of a run folder or checkpoint, in eval mode: (backbone, the run's args, checkpoint)."""
     ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
@@ -2195,18 +2381,32 @@ def eval_instruments(backbone, x_test, y_test, test_masks, args, device):
 # 10. Command line
 # -----------------------------------------------------------------------------------------------
 
+def finished_run(out_dir, args):
+    """The summary of the finished run in out_dir if its checkpoint is that run's last step and --epochs asks
+    for no more; else None. (summary.json is written only when a run ends.)"""
+    path = os.path.join(out_dir, "summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    done = summary.get("steps") == load_checkpoint(os.path.join(out_dir, "checkpoint.pt"), args)["step"]
+    return summary if done and args.epochs <= summary["config"]["epochs"] else None
+
+
 def main(argv=None):
+    t_start = time.time()  # the reported wall time is what the user waited: setup, training, evaluation
     parser = get_args_parser()
     args = parse_args(parser, argv)
-    if args.benchmark:
-        return benchmark(args)
     if args.analyze or args.plot_log:
         try:
             if args.plot_log:
                 print(f"wrote {plot_log(args.plot_log)}")
-            return analyze_run(args.analyze, args.device, args.analyze_images) if args.analyze else None
+            return analyze_command(args) if args.analyze else None
         except (UsageError, CheckpointError) as e:
             parser.error(str(e))
+        except WeightsUnavailable as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
         except DataUnavailable as e:
             print(f"error: the data of the analysed run could not be loaded: {e}.", file=sys.stderr)
             sys.exit(1)
@@ -2217,7 +2417,16 @@ def main(argv=None):
     if args.resume and not os.path.exists(ck):
         parser.error(f"--resume: there is no checkpoint.pt in {args.out_dir} to continue from.")
     try:
-        return train(args)
+        done = finished_run(args.out_dir, args) if args.resume else None
+        if done is not None:
+            print(f"{args.out_dir} holds a complete run ({done['config']['epochs']} epochs, step {done['steps']}, "
+                  f"k-NN accuracy {done['knn_acc']:.4f}); nothing was changed. To train it further, raise --epochs "
+                  f"above {done['config']['epochs']} and --resume again.")
+            return done
+        return train(args, t_start)
+    except KeyboardInterrupt:  # during setup (the training loop itself saves and exits on Ctrl-C)
+        print(f"interrupted before the first training step; nothing was written to {args.out_dir}.", file=sys.stderr)
+        sys.exit(130)
     except DataUnavailable as e:
         print(f"error: the {args.dataset} data could not be loaded: {e}. This machine may have no network. "
               f"`--dataset scenes` is built in and needs no download; or point --data-dir at an existing copy "

@@ -1,11 +1,11 @@
 """Where one training step's time goes: a torch.profiler trace of the step, attributed to the parts of the model.
 
-    python bench/profile_step.py --model tiny --ibot-weight 0 --koleo-weight 0   # issue 4's DINO-only step
+    python bench/profile_step.py --model tiny --ibot-weight 0 --koleo-weight 0   # the DINO-only step of bench/README.md
     python bench/profile_step.py --model tiny --gram                             # the full recipe
     python bench/profile_step.py --compile ...                                   # the torch.compile'd step
     python bench/profile_step.py --steps 5 --top-ops 20 ...                      # more steps; the top 20 ops
 
-Any flag of dinov3_mini.py is accepted. The step is the one `--benchmark` times: multi-crop (+ iBOT masks),
+Any flag of dinov3_mini.py is accepted. The step is the one bench/benchmark.py times: multi-crop (+ iBOT masks),
 teacher forward, student forward, losses, backward, gradient clipping, AdamW, EMA. After --warmup steps,
 --steps steps are profiled on the CPU (torch.profiler, self time of every op). Each op is charged to a part:
 forward ops to the innermost module they ran in (forward hooks open a profiler scope per module), backward ops
@@ -140,7 +140,7 @@ def main():
     opt = torch.optim.AdamW(dm.param_groups(student, args.depth, args.layer_decay), lr=1e-4)
     sched = dm.make_schedules(args, 100)
     sched["steps_per_epoch"] = 1
-    args.gram_start, args.gram_ramp_epochs = 0, 1e-9  # the Gram loss at full weight, as in --benchmark
+    args.gram_start, args.gram_ramp_epochs = 0, 1e-9  # the Gram loss at full weight, as in bench/benchmark.py
     label_modules(student, "student")
     label_modules(teacher, "teacher")
     if gram_teacher is not None:

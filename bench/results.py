@@ -1,8 +1,8 @@
-"""Issue 5's experiments: the two failures (and their fixes) at small scale, run, measured and drawn.
+"""The experiments of docs/results.md: the two failures (and their fixes) at small scale, run, measured and drawn.
 
     python bench/results.py                 # every run below that is missing, then assets/results.json + PNGs
     python bench/results.py --only storage  # just the register sweep (or: collapse)
-    python bench/results.py --seeds 1       # fewer seeds (the issue asks for 3, as README "Results" has)
+    python bench/results.py --seeds 1       # fewer seeds (docs/results.md has 3)
 
 Runs go to --runs-dir (default runs/results/<name>); a folder that already holds a finished run with the
 same configuration is reused, so an interrupted sweep continues where it stopped. Every run is plain
@@ -387,7 +387,7 @@ def main():
                    "folder each); finished runs with the same configuration are reused.")
     p.add_argument("--assets", default=os.path.join(ROOT, "assets"), help="Where results.json and the PNGs go.")
     p.add_argument("--only", choices=("storage", "collapse", "learnable"), default=None, help="One of the two experiments.")
-    p.add_argument("--seeds", type=int, default=3, help="Seeds per register count (the issue asks for >= 3).")
+    p.add_argument("--seeds", type=int, default=3, help="Seeds per register count (docs/results.md has 3).")
     p.add_argument("--registers", type=int, nargs="+", default=list(REGISTERS), help="Register counts to run "
                    "now; the others keep their entries of an existing results.json.")
     p.add_argument("--no-train", action="store_true", help="Measure only the runs that exist; train nothing.")

@@ -2,6 +2,7 @@
 
     pip install lightly            # for this benchmark only; not a requirement of dinov3-mini
     python bench/vs_lightly.py     # tiny ViT (192-d, 12 blocks, 3 heads), patch 4, 2x32 + 6x16 crops, batch 64
+    python bench/vs_lightly.py --device cuda   # on a GPU: both steps under the same bf16 autocast
 
 Both steps are DINO only (our iBOT, KoLeo and Gram off), the same ViT shape (ours without registers), the
 same crops (the same tensors are fed to both), the same head (2048-2048-256 -> 4096 prototypes) and batch. A step is: teacher
@@ -12,6 +13,7 @@ DINOLoss (centring) and update_momentum. Its data pipeline, DINOTransform (per-i
 apart from ours (batched tensor multi-crop). Prints medians per round and the ratio; the last line is JSON.
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -25,7 +27,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import dinov3_mini as dm  # noqa: E402
 
 
-def lightly_step_fn(dim, depth, heads, image_size, patch, hidden, prototypes, lr, fused=False):
+def sync(device):
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def lightly_step_fn(dim, depth, heads, image_size, patch, hidden, prototypes, lr, fused=False, device="cpu",
+                    amp=None):
     from lightly.loss import DINOLoss
     from lightly.models.modules import MaskedVisionTransformerTorchvision
     from lightly.models.modules.heads import DINOProjectionHead
@@ -43,27 +51,29 @@ def lightly_step_fn(dim, depth, heads, image_size, patch, hidden, prototypes, lr
         def forward(self, x):
             return self.head(self.backbone(x))
 
-    student, teacher = Student(), Student()  # (deepcopy fails on lightly's weight-normed head)
+    student, teacher = Student().to(device), Student().to(device)  # (deepcopy fails on lightly's weight-normed head)
     teacher.load_state_dict(student.state_dict())
     deactivate_requires_grad(teacher)
-    criterion = DINOLoss(output_dim=prototypes, warmup_teacher_temp_epochs=5)
+    criterion = DINOLoss(output_dim=prototypes, warmup_teacher_temp_epochs=5).to(device)
+    amp = amp or contextlib.nullcontext()
     opt = torch.optim.AdamW(student.parameters(), lr=lr, fused=fused)  # lightly's examples: the default AdamW
 
     def step(globals_, locals_, B):
         update_momentum(student, teacher, m=0.996)
-        with torch.no_grad():
-            t_out = list(teacher(globals_).chunk(2))
-        s_out = list(student(globals_).chunk(2)) + list(student(locals_).chunk(len(locals_) // B))
-        loss = criterion(t_out, s_out, epoch=0)
+        with amp:
+            with torch.no_grad():
+                t_out = list(teacher(globals_).chunk(2))
+            s_out = list(student(globals_).chunk(2)) + list(student(locals_).chunk(len(locals_) // B))
+            loss = criterion(t_out, s_out, epoch=0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return step
 
 
-def ours_step_fn(args):
+def ours_step_fn(args, device="cpu", amp=None):
     student = dm.DINOModel(dm.build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck,
-                             args.norm_last_layer)
+                           args.norm_last_layer).to(device)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(dm.param_groups(student, args.depth, args.layer_decay), lr=1e-4, fused=True)  # as train()
     sched = dm.make_schedules(args, 100)
@@ -71,7 +81,8 @@ def ours_step_fn(args):
 
     def step(globals_, locals_, B, images):
         crops = {"globals": globals_, "locals": locals_}
-        total, _, _ = dm.compute_losses(student, teacher, None, images, crops, None, 50, sched, args)
+        with amp or contextlib.nullcontext():
+            total, _, _ = dm.compute_losses(student, teacher, None, images, crops, None, 50, sched, args)
         opt.zero_grad(set_to_none=True)
         total.backward()
         dm.clip_gradients(student, args.clip_grad)
@@ -80,11 +91,13 @@ def ours_step_fn(args):
     return step
 
 
-def median_time(fn, n):
+def median_time(fn, n, device=None):
     ts = []
     for _ in range(n):
+        sync(device)
         t = time.perf_counter()
         fn()
+        sync(device)
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
@@ -98,7 +111,12 @@ def main():
     p.add_argument("--registers", type=int, default=0, help="ours only; 0 = the peer's token count")
     p.add_argument("--peer-fused-adamw", action="store_true", help="give lightly's side the fused AdamW ours uses "
                    "(by default it gets torch's default AdamW, as in lightly's examples)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda: both models and the crops on the GPU, both steps "
+                   "under the same bf16 autocast (as train() does); our multi-crop runs there too, lightly's PIL "
+                   "pipeline on the CPU")
     a = p.parse_args()
+    device = torch.device(a.device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
     torch.manual_seed(0)
     # the same ViT shape as the peer's: no registers (torchvision's ViT has none), DINO loss only
     args = dm.get_args_parser().parse_args(["--model", a.model, "--batch-size", str(a.batch_size), "--registers",
@@ -108,10 +126,10 @@ def main():
     images = dm.make_scenes("train", B, args.image_size)[0]
     gen = torch.Generator().manual_seed(0)
     crops = dm.multicrop(images, args, gen)
-    g, l = crops["globals"], crops["locals"]
-    ours = ours_step_fn(args)
+    g, l = crops["globals"].to(device), crops["locals"].to(device)
+    ours = ours_step_fn(args, device, amp)
     theirs = lightly_step_fn(args.dim, args.depth, args.heads, args.image_size, args.patch_size, args.head_hidden,
-                             args.prototypes, 1e-4, fused=a.peer_fused_adamw)
+                             args.prototypes, 1e-4, fused=a.peer_fused_adamw, device=device, amp=amp)
     # data pipelines: lightly's per-image PIL DINOTransform vs our batched multi-crop
     from lightly.transforms import DINOTransform
     from torchvision.transforms.functional import to_pil_image
@@ -122,17 +140,19 @@ def main():
         theirs(g, l, B)
     res = {"ours": [], "lightly": []}
     for r in range(a.rounds):
-        res["ours"].append(B / median_time(lambda: ours(g, l, B, images), a.steps))
-        res["lightly"].append(B / median_time(lambda: theirs(g, l, B), a.steps))
+        res["ours"].append(B / median_time(lambda: ours(g, l, B, images), a.steps, device))
+        res["lightly"].append(B / median_time(lambda: theirs(g, l, B), a.steps, device))
         print(f"round {r}: ours {res['ours'][-1]:.2f} img/s, lightly {res['lightly'][-1]:.2f} img/s", flush=True)
-    data_ours = B / median_time(lambda: dm.multicrop(images, args, gen), 5)
+    images_dev = images.to(device)  # ours runs where the training runs (on the GPU with --device cuda)
+    data_ours = B / median_time(lambda: dm.multicrop(images_dev, args, gen), 5, device)
     data_lightly = B / median_time(lambda: [tr(im) for im in pils], 3)
     out = {"ours_img_per_s": round(statistics.median(res["ours"]), 2),
            "lightly_img_per_s": round(statistics.median(res["lightly"]), 2),
            "ratio": round(statistics.median(res["ours"]) / statistics.median(res["lightly"]), 3),
            "ours_data_img_per_s": round(data_ours, 1), "lightly_data_img_per_s": round(data_lightly, 1),
            "threads": torch.get_num_threads(), "batch": B, "model": a.model, "torch": torch.__version__,
-           "peer_adamw": "fused" if a.peer_fused_adamw else "default"}
+           "peer_adamw": "fused" if a.peer_fused_adamw else "default", "device": str(device),
+           "dtype": "bf16 autocast" if amp is not None else "float32"}
     print(f"DINO-only step, {a.model}, batch {B}, 2x{args.image_size} + 6x{args.local_size} crops, "
           f"{torch.get_num_threads()} threads: ours {out['ours_img_per_s']} img/s, lightly {out['lightly_img_per_s']}"
           f" img/s, ratio {out['ratio']}; data: ours {out['ours_data_img_per_s']} img/s, lightly (PIL) "

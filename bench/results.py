@@ -283,7 +283,10 @@ def run_or_resume(name, flags, runs_dir):
     --no-train it is measured as far as it got. Returns (folder or None, summary or None, command)."""
     out = os.path.join(runs_dir, name)
     cmd = "python dinov3_mini.py " + " ".join(flags)
-    if os.path.exists(os.path.join(out, "summary.json")) or not os.path.exists(os.path.join(out, "checkpoint.pt")):
+    if os.path.exists(os.path.join(out, "summary.json")):  # finished: measured as it is (options added to the
+        print(f"reusing {out} ({cmd})")                     # file since then keep their defaults)
+        return out, json.load(open(os.path.join(out, "summary.json"))), cmd
+    if not os.path.exists(os.path.join(out, "checkpoint.pt")):
         return run(name, flags, runs_dir)
     if not NO_TRAIN:
         print(f"== {name}: resuming {cmd}", flush=True)

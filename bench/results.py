@@ -341,7 +341,11 @@ def learnable(runs_dir, assets, old):
         out, summary, cmd = run_or_resume(name, flags, runs_dir)
         if out is not None:
             seed = int(flags[flags.index("--seed") + 1]) if "--seed" in flags else 0
-            runs.append(dict(name=name, **curve(out, summary, cmd, seed, before.get(cmd))))
+            r = curve(out, summary, cmd, seed, before.get(cmd))
+            if len(r["curve"]) > 1:  # an evaluation after step 0 to report
+                runs.append(dict(name=name, **r))
+            else:
+                print(f"{name}: no evaluation yet, left out")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import screen_data  # the candidates that are not in dinov3_mini
     for cand in SCREENS:

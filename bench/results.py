@@ -17,7 +17,7 @@ collapse: `--preset collapse` without Gram anchoring, with an early Gram teacher
          k-NN and dense quality per epoch, peak and final; assets/collapse_curves.png and
          assets/collapse_maps.png (PCA and similarity maps: early teacher, baseline end, Gram ends).
 learnable: the default recipe on the built-in `textures` data (--dataset textures --epochs 10 --eval-every 1),
-         seeds 0 and 1 -> results.json "learnable_data" (one entry per run: k-NN against both baselines, and the
+         seeds 0 and 1, and the default 3-epoch run on it (also with --prototypes 256) -> results.json "learnable_data" (one entry per run: k-NN against both baselines, and the
          curve of k-NN, dense probes and similarity locality per epoch) and assets/textures_curves.png. A run
          that has a checkpoint but no summary is resumed (--resume), or with --no-train recorded as far as it got
          (finished: false). Screens of other candidate datasets (bench/screen_data.py --ssl NAME) found in
@@ -273,8 +273,10 @@ def draw_maps(folders, path, n=4):
     print(f"wrote {path}")
 
 
-LEARNABLE = {f"textures_s{s}": ["--dataset", "textures", "--epochs", "10", "--eval-every", "1", "--seed", str(s)]
-             for s in (0, 1)}
+LEARNABLE = {**{f"textures_s{s}": ["--dataset", "textures", "--epochs", "10", "--eval-every", "1", "--seed", str(s)]
+                for s in (0, 1)},
+             "default_textures": ["--dataset", "textures"],  # the default run (3 epochs) on textures
+             "default_textures_k256": ["--dataset", "textures", "--prototypes", "256"]}  # ... with K = 256
 SCREENS = ("shapes", "scenes", "glyphs", "fractals")  # bench/screen_data.py --ssl NAME runs, if present
 
 
@@ -283,7 +285,10 @@ def run_or_resume(name, flags, runs_dir):
     --no-train it is measured as far as it got. Returns (folder or None, summary or None, command)."""
     out = os.path.join(runs_dir, name)
     cmd = "python dinov3_mini.py " + " ".join(flags)
-    if os.path.exists(os.path.join(out, "summary.json")) or not os.path.exists(os.path.join(out, "checkpoint.pt")):
+    if os.path.exists(os.path.join(out, "summary.json")):  # finished: measured as it is (options added to the
+        print(f"reusing {out} ({cmd})")                     # file since then keep their defaults)
+        return out, json.load(open(os.path.join(out, "summary.json"))), cmd
+    if not os.path.exists(os.path.join(out, "checkpoint.pt")):
         return run(name, flags, runs_dir)
     if not NO_TRAIN:
         print(f"== {name}: resuming {cmd}", flush=True)
@@ -335,7 +340,12 @@ def learnable(runs_dir, assets, old):
     for name, flags in LEARNABLE.items():
         out, summary, cmd = run_or_resume(name, flags, runs_dir)
         if out is not None:
-            runs.append(curve(out, summary, cmd, int(flags[flags.index("--seed") + 1]), before.get(cmd)))
+            seed = int(flags[flags.index("--seed") + 1]) if "--seed" in flags else 0
+            r = curve(out, summary, cmd, seed, before.get(cmd))
+            if len(r["curve"]) > 1:  # an evaluation after step 0 to report
+                runs.append(dict(name=name, **r))
+            else:
+                print(f"{name}: no evaluation yet, left out")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import screen_data  # the candidates that are not in dinov3_mini
     for cand in SCREENS:
@@ -358,7 +368,7 @@ def draw_learnable(runs, screens, path):
     from matplotlib.figure import Figure
     fig = Figure(figsize=(16, 3.8))
     ax = fig.subplots(1, 4)
-    entries = [(f"textures, seed {r['seed']}", r, "-") for r in runs] + \
+    entries = [(r["command"].replace("python dinov3_mini.py --dataset ", ""), r, "-") for r in runs] + \
               [(f"{c} (screen, seed {r['seed']})", r, ":") for c, r in screens.items()]
     for a, (k, lab) in zip(ax, (("knn_acc", "k-NN accuracy (CLS)"), ("dense_fg_miou", "object/background probe mIoU"),
                                 ("dense_miou", "11-class dense probe mIoU"), ("similarity_locality", "similarity locality"))):

@@ -759,25 +759,25 @@ def normalize(x):
     return (x - mean[:, None, None]) / std[:, None, None]
 
 
-def multicrop(images, args, gen):
-    """DINOv2 multi-crop for a uint8 batch (B,3,S,S) -> dict of normalised crops.
+def multicrop(images, gen, *, global_size=224, local_size=96, n_local=8, global_scale=(0.32, 1.0),
+              local_scale=(0.05, 0.32)):
+    """DINOv2 multi-crop for a uint8 batch (B,3,S,S) -> dict of normalised crops (reference defaults).
 
     globals (2B,3,G,G): crop 1 blur p=1.0; crop 2 blur p=0.1 and solarize p=0.2   [B crop-1 then B crop-2]
     locals (L*B,3,l,l): blur p=0.5                                                 [crop-major order]
     boxes/flips of the global crops are returned so the Gram teacher can re-render the same views."""
     B = images.shape[0]
     x = images.float() / 255
-    boxes, flips = sample_boxes(2 * B, args.global_scale, gen)
-    g = render_crops(x.repeat(2, 1, 1, 1), boxes, flips, args.image_size)
+    boxes, flips = sample_boxes(2 * B, global_scale, gen)
+    g = render_crops(x.repeat(2, 1, 1, 1), boxes, flips, global_size)  # (2B, 3, G, G)
     g = grayscale(color_jitter(g, gen), gen)
     g1, g2 = g[:B], g[B:]
     g1 = gaussian_blur(g1, gen, p=1.0)
     g2 = solarize(gaussian_blur(g2, gen, p=0.1), gen, p=0.2)
     out = {"globals": normalize(torch.cat([g1, g2])), "boxes": boxes, "flips": flips}
-    if args.local_crops:
-        L = args.local_crops
-        lb, lf = sample_boxes(L * B, args.local_scale, gen)
-        loc = render_crops(x.repeat(L, 1, 1, 1), lb, lf, args.local_size)
+    if n_local:
+        lb, lf = sample_boxes(n_local * B, local_scale, gen)
+        loc = render_crops(x.repeat(n_local, 1, 1, 1), lb, lf, local_size)  # (L*B, 3, l, l)
         loc = gaussian_blur(grayscale(color_jitter(loc, gen), gen), gen, p=0.5)
         out["locals"] = normalize(loc)
     return out
@@ -816,16 +816,15 @@ def block_mask(h, w, n_mask, rng, min_block=4, aspect=(0.3, 1 / 0.3)):
     return flat
 
 
-def ibot_masks(n, grid, args, gen):
-    """Masks for n global crops (n, N): a fraction mask_prob of them masked, with ratios spread evenly over
-    mask_ratio (the i-th masked crop masks the upper end of the i-th slice, as the reference's collate), the
-    rest unmasked; shuffled."""
+def ibot_masks(n, grid, gen, *, mask_prob=0.5, mask_ratio=(0.1, 0.5)):
+    """Masks for n global crops on a grid x grid patch grid (n, N): a fraction mask_prob of them masked, with
+    ratios spread evenly over mask_ratio (the i-th masked crop masks the upper end of the i-th slice, as the
+    reference's collate), the rest unmasked; shuffled."""
     import random  # local, so the function can be copied alone
     rng = random.Random(int(torch.randint(2 ** 31, (1,), generator=gen)))
     h = w = grid
-    n_masked = int(n * args.mask_prob)
-    lo, hi = args.mask_ratio
-    probs = torch.linspace(lo, hi, n_masked + 1).tolist()
+    n_masked = int(n * mask_prob)
+    probs = torch.linspace(mask_ratio[0], mask_ratio[1], n_masked + 1).tolist()
     masks = [block_mask(h, w, int(h * w * probs[i + 1]), rng) for i in range(n_masked)]
     masks += [torch.zeros(h * w, dtype=torch.bool)] * (n - n_masked)
     rng.shuffle(masks)
@@ -1232,21 +1231,22 @@ def make_gram_teacher(teacher_backbone):
 
 
 @torch.no_grad()
-def gram_teacher_patches(gram_teacher, images, crops, args):
+def gram_teacher_patches(gram_teacher, images, crops, *, hires=False):
     """Patch features (2B, N, D) of the Gram teacher on the student's global views.
 
-    Normal mode: the same (colour-augmented) global crops as the EMA teacher. --gram-hires: the same boxes
-    re-rendered at 2x without colour distortion, patch map bicubic-downsampled to the student's grid."""
-    if not args.gram_hires:
+    hires=False: the same (colour-augmented) global crops as the EMA teacher. hires=True (--gram-hires): the
+    same boxes re-rendered from the uint8 images at 2x without colour distortion, the patch map
+    bicubic-downsampled to the student's grid (DINOv3 Sec. 4.3)."""
+    if not hires:
         return gram_teacher(crops["globals"])["patches"]
-    x = images.float().div(255).repeat(2, 1, 1, 1)
-    hi = normalize(render_crops(x, crops["boxes"], crops["flips"], 2 * args.image_size))
-    out = gram_teacher(hi)
+    size = crops["globals"].shape[-1]  # G, the student's global crop size
+    x = images.float().div(255).repeat(2, 1, 1, 1)  # (2B, 3, S, S)
+    out = gram_teacher(normalize(render_crops(x, crops["boxes"], crops["flips"], 2 * size)))
     h, w = out["grid"]
     fmap = rearrange(out["patches"], "b (h w) d -> b d h w", h=h, w=w)
-    g = args.image_size // args.patch_size
+    g = size // gram_teacher.patch_size  # the student's grid
     fmap = F.interpolate(fmap.float(), size=(g, g), mode="bicubic", align_corners=False)
-    return rearrange(fmap, "b d h w -> b (h w) d")
+    return rearrange(fmap, "b d h w -> b (h w) d")  # (2B, N, D)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1355,7 +1355,8 @@ def compute_losses(student, teacher, gram_teacher, images, crops, masks, it, sch
         parts["koleo"] = sum(koleo_loss(c) for c in s["cls"].chunk(2))  # 0.1 x 2 x mean over crops
     gram_w = args.gram_weight * ramp
     if gram_teacher is not None and gram_w > 0:
-        parts["gram"] = gram_loss(s["patches"], gram_teacher_patches(gram_teacher, images, crops, args))
+        parts["gram"] = gram_loss(s["patches"], gram_teacher_patches(gram_teacher, images, crops,
+                                                                           hires=args.gram_hires))
     weights = {"dino": 1.0, "ibot": args.ibot_weight, "koleo": args.koleo_weight, "gram": gram_w}
     total = sum(weights[k] * v for k, v in parts.items())
     stats = {"teacher_entropy": -(t_cls * torch.log(t_cls + 1e-12)).sum(-1).mean().detach()}
@@ -1459,6 +1460,17 @@ def load_checkpoint(path, args=None):
         if diff:
             raise CheckpointError(f"{path} was trained with a different configuration ({'; '.join(diff)})")
     return ck
+
+
+def crop_kwargs(args):
+    """The multicrop keywords a run's args give."""
+    return dict(global_size=args.image_size, local_size=args.local_size, n_local=args.local_crops,
+                global_scale=args.global_scale, local_scale=args.local_scale)
+
+
+def mask_kwargs(args):
+    """The ibot_masks keywords a run's args give."""
+    return dict(mask_prob=args.mask_prob, mask_ratio=args.mask_ratio)
 
 
 class Stop:
@@ -1595,8 +1607,8 @@ def train(args, t_start=None):
             # ---- the training step
             t_step = time.time()
             images = x_train[perm[i * args.batch_size:(i + 1) * args.batch_size].to(device)]  # (B, 3, S, S) uint8
-            crops = multicrop(images, args, gen)
-            masks = ibot_masks(2 * args.batch_size, grid, args, gen).to(device) if args.ibot_weight > 0 else None
+            crops = multicrop(images, gen, **crop_kwargs(args))
+            masks = ibot_masks(2 * args.batch_size, grid, gen, **mask_kwargs(args)).to(device) if args.ibot_weight > 0 else None
             images = shard(images, 1, rank, world)
             crops = {k: shard(v, 2 if k in ("globals", "boxes", "flips") else args.local_crops, rank, world)
                      for k, v in crops.items()}

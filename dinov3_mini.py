@@ -1,22 +1,21 @@
 """
 dinov3-mini: the ideas of DINOv3 in one readable file, small enough to train on one GPU or a laptop.
 
-What is here, in the order the paper tells it:
-  1. config      -- every option with its reference value and what breaks if you push it
-  2. data        -- `scenes` and `textures`, procedural datasets with class labels and per-pixel masks
-                    (offline; in `textures` one large object's surface texture is its class),
-                    CIFAR-10/100, STL-10, Imagenette and any image folder; batched multi-crop
-                    augmentation and iBOT block masking
-  3. backbone    -- a ViT with register tokens (Darcet et al. 2023) and DINOv3's axial RoPE
-  4. heads       -- separate DINO (image) and iBOT (patch) heads
-  5. losses      -- Sinkhorn-Knopp centring, DINO, iBOT, KoLeo and Gram anchoring (DINOv3 Eq. 2)
-  6. teachers    -- the EMA teacher and the Gram teacher (a frozen snapshot of an earlier EMA teacher)
-  7. training    -- AdamW with the reference schedules, checkpoints, resume, logs
-  8. evaluation  -- weighted k-NN on the teacher's CLS token, plus raw-pixel and random-init baselines
-  9. analysis    -- the instruments: token norms and high-norm outliers, attention, PCA and similarity
-                    maps, dense probe, effective rank (`--analyze`, `--plot-log`); also on the released DINOv2
-                    (with and without registers) and DINOv3 weights, loaded into this file's ViT
- 10. command line
+The sections tell the paper's story, then the machinery around it:
+  1. model sizes
+  2. multi-crop   -- batched multi-crop augmentation (DINO) and iBOT block masks
+  3. backbone     -- a ViT with register tokens (Darcet et al. 2023) and DINOv3's axial RoPE
+  4. heads        -- separate DINO (image) and iBOT (patch) heads
+  5. losses       -- Sinkhorn-Knopp centring, DINO, iBOT, KoLeo and Gram anchoring (DINOv3 Eq. 2)
+  6. teachers     -- the EMA teacher and the Gram teacher (a frozen snapshot of an earlier EMA teacher)
+  7. training     -- AdamW with the reference schedules, the step, checkpoints, resume, logs
+  8. evaluation   -- weighted k-NN on the teacher's CLS token, plus raw-pixel and random-init baselines
+  9. instruments  -- token norms and high-norm outliers, attention, PCA and similarity maps, dense probe,
+                     effective rank (`--analyze`, `--plot-log`)
+ 10. released models -- DINOv2 (with and without registers) and DINOv3 weights loaded into this file's ViT
+ 11. data         -- `scenes` and `textures` (procedural, offline, with per-pixel masks; in `textures` one large
+                     object's surface texture is its class), CIFAR-10/100, STL-10, Imagenette, any image folder
+ 12. command line -- every option with its reference value and what breaks if you push it; main
 
 Papers: DINO (Caron et al. 2021, arXiv 2104.14294), iBOT (Zhou et al. 2021, arXiv 2111.07832),
 DINOv2 (Oquab et al. 2023, arXiv 2304.07193), Vision Transformers Need Registers (Darcet et al. 2023,
@@ -47,8 +46,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+
 # -----------------------------------------------------------------------------------------------
-# 1. Config
+# 1. Model sizes
 # -----------------------------------------------------------------------------------------------
 
 # Model presets. tiny/small/base are the usual DeiT/DINO sizes with the reference heads; nano is sized
@@ -59,619 +59,11 @@ MODELS = {
     "small": dict(dim=384, depth=12, heads=6, head_hidden=2048, prototypes=4096),
     "base": dict(dim=768, depth=12, heads=12, head_hidden=2048, prototypes=4096),
 }
-# Experiment presets (the two failures at small scale): named flag sets, filled in before the
-# other defaults; a flag given on the command line still wins. Measured results: docs/results.md.
-PRESETS = {
-    # storage: the default run (10k scenes, 3 epochs, about 10 CPU minutes) as a plain ViT without registers,
-    # its instruments logged every epoch; add `--registers 4` (or 1, 2) for the fix, `--seed` for spread.
-    # Artifacts are tokens the blocks have written several times their embedding's norm into; with the
-    # nano defaults (LayerScale 0.1) the blocks write about 2% of it in this budget, so here LayerScale is
-    # off, the lr 2.5x and layer decay off: the setting with the largest writes found (docs/results.md).
-    "artifacts": dict(registers=0, eval_every=1, layerscale=0.0, lr=1e-2, layer_decay=1.0),
-    # signal: the same free-writing setting with the default 4 registers (so storage is not the question),
-    # where the patches' similarity maps lose a little locality over training (docs/results.md).
-    # Add `--gram --gram-teacher-epoch 1 --gram-start 1` for the fix (Gram teacher = the epoch-1 EMA teacher),
-    # `--ibot-weight 0` for the global objective alone.
-    "collapse": dict(layerscale=0.0, lr=1e-2, layer_decay=1.0, eval_every=1),
-}
-DATASETS = ("scenes", "textures", "cifar10", "cifar100", "stl10", "imagenette", "folder")
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but an error is one line and a pointer to --help instead of the whole usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Appends "(default: ...)" as it would be typed, only where the text does not give the default itself."""
-
-    def _get_help_string(self, action):
-        d = action.default
-        if d is None or isinstance(d, bool) or d is argparse.SUPPRESS or "Default" in action.help:
-            return action.help
-        return f"{action.help} (default: {' '.join(map(str, d)) if isinstance(d, (tuple, list)) else d})"
-
-
-def get_args_parser():
-    p = ArgumentParser(
-        "dinov3_mini", description="DINOv3 in one file: registers, RoPE, DINO + iBOT + KoLeo + Gram anchoring.",
-        usage="python dinov3_mini.py [options]", formatter_class=HelpFormatter)
-    group = {name: p.add_argument_group(name) for name in (
-        "model", "data", "augmentation", "recipe and losses", "Gram anchoring", "schedule and optimiser",
-        "run and output", "modes (instead of training)")}
-    a = group["recipe and losses"].add_argument
-    a("--preset", default=None, choices=list(PRESETS), help="A named flag set for the two failure modes. "
-      "artifacts: 0 registers, LayerScale off, lr 1e-2, no layer decay, instruments every epoch; collapse: the "
-      "same with 4 registers (add --gram ...). Flags given explicitly override it. See docs/results.md.")
-    # data
-    a = group["data"].add_argument
-    a("--dataset", default="scenes", choices=DATASETS, help="`scenes` and `textures` are built in and need no "
-      "download (textures: one large object whose surface texture is its class, made for learning at small "
-      "scale, see docs/data.md; scenes: a small shape among distractors); the others download into --data-dir "
-      "on first use (`folder`: any folder of class subfolders).")
-    a("--data-dir", default="./data", help="Where datasets live or are downloaded to; point it at an existing "
-      "copy to skip the download (for `folder`: the folder itself, optionally with train/ and val/).")
-    a("--image-size", type=int, default=None, help="Global crop size in pixels (reference 224). Default: the "
-      "dataset's native size (scenes and textures 32, CIFAR 32, STL-10 96, Imagenette 64). Must be divisible "
-      "by --patch-size.")
-    a = group["augmentation"].add_argument
-    a("--local-size", type=int, default=None, help="Local crop size (reference 96 for 224 globals). Default: "
-      "half of --image-size, rounded to the patch size. Must be smaller than --image-size.")
-    a("--local-crops", type=int, default=6, help="Number of local crops (reference 8). Each adds a short student "
-      "forward; 0 trains on global crops only, which learns much slower.")
-    a("--global-scale", type=float, nargs=2, default=(0.32, 1.0), help="Area range of global crops (reference "
-      "0.32 1.0). A lower minimum makes the task harder and the invariance stronger.")
-    a("--local-scale", type=float, nargs=2, default=(0.05, 0.32), help="Area range of local crops (reference "
-      "0.05 0.32). Above ~0.4 local and global views overlap so much that the task becomes trivial.")
-    a = group["data"].add_argument
-    a("--num-images", type=int, default=None, help="Cap the training set for quick runs (scenes and textures "
-      "have 10000).")
-    a("--workers", type=int, default=4, help="Threads used to decode image files for `folder`/`imagenette`.")
-    # model
-    a = group["model"].add_argument
-    a("--model", default="nano", choices=list(MODELS), help="Preset: nano (64-d, 6 layers, 2 heads; CPU), "
-      "tiny (192-d, 12 layers, 3 heads), small (384-d, 12, 6), base (768-d, 12, 12).")
-    a("--dim", type=int, default=None, help="Override the preset's width.")
-    a("--depth", type=int, default=None, help="Override the preset's number of blocks.")
-    a("--heads", type=int, default=None, help="Override the preset's number of attention heads.")
-    a("--patch-size", type=int, default=4, help="Patch size (reference 16 at 224 px; 4 on 32 px images keeps an "
-      "8x8 grid). Smaller patches cost quadratically more attention.")
-    a("--registers", type=int, default=4, help="Register tokens (DINOv3: 4). 0 reproduces the plain ViT that "
-      "grows high-norm artifact tokens; one register already removes them in the registers paper.")
-    a("--layerscale", type=float, default=None, help="LayerScale init (reference 1e-5); 0 disables LayerScale. "
-      "Default: 1e-5, but 0.1 for nano (CaiT's value for depth <= 18): at 1e-5 a shallow net's CLS outputs start "
-      "almost identical across images (mean cosine 0.91), so the first Sinkhorn targets are uniform. LayerScale is "
-      "reported as needed for high-norm outliers to appear at small scale.")
-    a("--drop-path", type=float, default=None, help="Stochastic depth on the student (reference 0.1-0.4 by "
-      "size). Default 0 for nano, 0.1 otherwise.")
-    a("--rope-rescale", type=float, default=2.0, help="Train-time RoPE box jitter: coordinates rescaled by a "
-      "log-uniform factor in [1/x, x] (DINOv3: 2). 1 disables it.")
-    a("--rope-shift", type=float, default=0.0, help="Train-time RoPE coordinate shift, uniform in [-x, x] "
-      "(DINOv3 code supports it, off in the released config).")
-    a("--rope-jitter", type=float, default=1.0, help="Train-time per-axis RoPE scale jitter, log-uniform in "
-      "[1/x, x] (off = 1, as in the released config).")
-    # heads and losses
-    a = group["recipe and losses"].add_argument
-    a("--prototypes", type=int, default=None, help="K, the number of prototypes of both heads (reference "
-      "65536 on ImageNet; here 4096, nano 1024). Small data converges faster with 1k-8k; too few caps what the "
-      "features can separate.")
-    a("--head-hidden", type=int, default=None, help="Hidden width of the DINO/iBOT heads (reference 2048; "
-      "nano uses 256 to stay fast on a CPU).")
-    a("--head-bottleneck", type=int, default=256, help="Bottleneck width before the prototypes (reference 256).")
-    a("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True, help="L2-normalise the "
-      "prototypes, so logits are cosines (DINO/DINOv2). DINOv3's code uses a plain linear layer "
-      "(--no-norm-last-layer); the default here, because with small heads and short runs the normalised "
-      "layer gives the teacher less flat targets at the start.")
-    a("--student-temp", type=float, default=0.1, help="Student softmax temperature (reference 0.1).")
-    a("--teacher-temp", type=float, default=0.07, help="Final teacher temperature (reference 0.07). Above "
-      "~0.07 training becomes unstable; lower it (0.04) if the teacher entropy stays high.")
-    a("--warmup-teacher-temp", type=float, default=0.04, help="Initial teacher temperature (reference 0.04).")
-    a("--teacher-temp-warmup-epochs", type=int, default=None, help="Linear warmup of the teacher temperature "
-      "(reference 30 of 100 epochs). Default: 30%% of --epochs.")
-    a("--ibot-weight", type=float, default=1.0, help="Weight of the iBOT masked-patch loss (reference 1.0). "
-      "0 leaves only the global objective, which degrades dense features faster.")
-    a("--koleo-weight", type=float, default=0.1, help="Weight of the KoLeo spreading loss on the student CLS "
-      "(reference 0.1). Much higher fights the DINO loss and slows convergence.")
-    a("--mask-ratio", type=float, nargs=2, default=(0.1, 0.5), help="iBOT mask ratios, spread over the masked "
-      "crops (reference 0.1 0.5).")
-    a("--mask-prob", type=float, default=0.5, help="Fraction of global crops that are masked (reference 0.5).")
-    # Gram anchoring
-    a = group["Gram anchoring"].add_argument
-    a("--gram", action="store_true", help="Turn on Gram anchoring (DINOv3 Sec. 4): match the patch-similarity "
-      "structure of a frozen earlier teacher.")
-    a("--gram-weight", type=float, default=2.0, help="Gram loss weight (reference 2.0), ramped in by a cosine.")
-    a("--gram-start", type=int, default=None, help="Epoch at which the Gram loss starts (DINOv3: after 1M "
-      "iterations, when dense features have degraded). Default: --gram-teacher-epoch.")
-    a("--gram-teacher-epoch", type=int, default=None, help="Epoch whose EMA teacher becomes the Gram teacher "
-      "(DINOv3: an early one, 100k-200k iterations; a late one is worse). Default: 25%% of --epochs.")
-    a("--gram-teacher", default=None, help="Path of a checkpoint whose teacher backbone is the Gram teacher "
-      "(instead of a snapshot taken during this run).")
-    a("--gram-refresh-every", type=int, default=0, help="Refresh the Gram teacher from the EMA teacher every k "
-      "epochs after --gram-start (reference: every 10k iterations); 0 never.")
-    a("--gram-refresh-max", type=int, default=3, help="At most this many refreshes, then frozen (reference 3).")
-    a("--gram-ramp-epochs", type=float, default=1.0, help="Cosine ramp-in of the Gram weight (and ramp-down of "
-      "the local DINO weight), in epochs (reference: 1k iterations).")
-    a("--gram-local-weight", type=float, default=0.5, help="Weight of the local-crop DINO loss in the Gram phase, "
-      "reached on the same cosine as the Gram weight (reference 0.5, `reweight_dino_local_loss`); 1 turns it off.")
-    a("--gram-momentum", type=float, default=0.999, help="EMA teacher momentum in the Gram phase (reference "
-      "0.999 constant); 0 keeps the ordinary cosine schedule.")
-    a("--untie-local-norm", action=argparse.BooleanOptionalAction, default=None, help="Give local crops' CLS "
-      "and registers their own final LayerNorm in training (DINOv3's untie_global_and_local_cls_norm). "
-      "Default: on with --gram, off otherwise.")
-    a("--gram-hires", action="store_true", help="Give the Gram teacher the same crop at 2x resolution without "
-      "colour distortion, and bicubic-downsample its patch features to the student's grid (DINOv3 Sec. 4.3).")
-    # optimisation
-    a = group["schedule and optimiser"].add_argument
-    a("--epochs", type=int, default=3, help="Training epochs (reference 100 on ImageNet-scale data). The two "
-      "failure modes need long runs; the default is sized for a 10-minute CPU demo.")
-    a("--batch-size", type=int, default=64, help="Global batch size (reference 1024+); the lr scales with "
-      "sqrt(batch/1024). Sinkhorn-Knopp needs batch >> 1 to spread mass over prototypes.")
-    a("--lr", type=float, default=4e-3, help="Base lr for a batch of 1024, scaled by sqrt(batch/1024) (DINOv2 "
-      "reference 4e-3). Too high and the DINO loss sticks at ln K (collapse).")
-    a("--min-lr", type=float, default=1e-6, help="Final lr of the cosine decay (reference 1e-6).")
-    a("--warmup-epochs", type=int, default=None, help="Linear lr warmup (reference 10 of 100 epochs). "
-      "Default: 10%% of --epochs, at least 1.")
-    a("--weight-decay", type=float, nargs=2, default=(0.04, 0.4), help="Weight decay, cosine from first to "
-      "second value (reference 0.04 0.4).")
-    a("--layer-decay", type=float, default=0.9, help="Layer-wise lr decay (reference 0.9; patch embedding gets "
-      "a further x0.2). 1 turns it off.")
-    a("--momentum", type=float, nargs=2, default=(0.992, 1.0), help="EMA teacher momentum, cosine from first "
-      "to second value (reference 0.992 1.0). Too low and the teacher chases the student into collapse.")
-    a("--clip-grad", type=float, default=3.0, help="Gradient norm clipping (reference 3.0); 0 disables.")
-    a("--freeze-last-layer-epochs", type=int, default=1, help="Epochs during which the prototypes are frozen "
-      "(reference 1), a stabiliser from DINO.")
-    # run
-    a = group["run and output"].add_argument
-    a("--eval-every", type=int, default=4, help="Run k-NN every this many epochs (and always at the end).")
-    a("--knn-k", type=int, default=20, help="k of the weighted k-NN (reference 20).")
-    a("--knn-temp", type=float, default=0.07, help="Temperature of the k-NN vote weights (reference 0.07).")
-    a("--out-dir", default="out", help="Where checkpoint.pt, log.jsonl and summary.json go.")
-    a("--resume", action="store_true", help="Continue the run in --out-dir exactly where it stopped.")
-    a("--overwrite", action="store_true", help="Allow starting a fresh run in an --out-dir that holds one.")
-    a("--device", default="auto", help="auto picks cuda, then mps, then cpu; or name one.")
-    a("--compile", action="store_true", help="torch.compile the student and teacher (GPU; slow to start).")
-    a("--seed", type=int, default=0, help="Seed of everything: data order, augmentation, init.")
-    a("--log-every", type=int, default=10, help="Log one line to log.jsonl every this many steps.")
-    a("--no-progress", action="store_true", help="No tqdm bar (for logs and CI).")
-    a("--analyze-images", type=int, default=1000, help="Test images the instruments read, at each evaluation "
-      "and in --analyze (half train the dense probe, half score it).")
-    # analysis commands (no training)
-    a = group["modes (instead of training)"].add_argument
-    a("--analyze", metavar="RUN_DIR_OR_CHECKPOINT", default=None, help="Instead of training: measure a trained "
-      "teacher (token norms and outliers, attention, PCA/similarity maps, dense probe) and write analysis/*.png "
-      "and analysis/metrics.json next to its checkpoint. Or a released backbone, on photographs: dinov2_vit{s,b,l}14 "
-      "and their _reg versions (downloaded once), dinov3_vit{s,b,l}16 with --weights, or a weights file.")
-    a("--weights", metavar="PATH", default=None, help="With --analyze NAME: the released weights from a local file "
-      "(downloaded elsewhere, or DINOv3's after its licence form) instead of the download.")
-    a("--images", metavar="DIR", default=None, help="With --analyze of a released model: your own photos (every "
-      "image file under DIR, up to --analyze-images) instead of matplotlib's sample photo of Grace Hopper.")
-    a("--plot-log", metavar="RUN_DIR", default=None, help="Instead of training: plot RUN_DIR/log.jsonl (k-NN, "
-      "dense mIoU, outlier fraction, collapse signatures vs epoch) into RUN_DIR/analysis/log.png.")
-    return p
-
-
-def parse_args(parser, argv=None):
-    """argv -> resolved args. A --preset's flag set becomes the defaults first, so explicit flags still win."""
-    args = parser.parse_args(argv)
-    if args.preset:
-        parser.set_defaults(**PRESETS[args.preset])
-        args = parser.parse_args(argv)
-    return resolve_args(args, parser)
-
-
-def resolve_args(args, parser):
-    """Fill the defaults that depend on other options, and refuse bad input with an argparse error (exit 2)."""
-    preset = MODELS[args.model]
-    for k in ("dim", "depth", "heads", "head_hidden", "prototypes"):
-        if getattr(args, k) is None:
-            setattr(args, k, preset[k])
-    native = {"scenes": 32, "textures": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagenette": 64, "folder": 64}
-    if args.analyze and args.image_size is None:  # a released model's photos (a run of this file uses its own size)
-        args.image_size = 448  # a 32 x 32 grid at patch 14, 28 x 28 at patch 16
-    args.image_size = args.image_size or native[args.dataset]
-    if args.local_size is None:
-        args.local_size = max(args.patch_size, (args.image_size // 2) // args.patch_size * args.patch_size)
-    if args.layerscale is None:
-        args.layerscale = 0.1 if args.model == "nano" else 1e-5
-    if args.drop_path is None:
-        args.drop_path = 0.0 if args.model == "nano" else 0.1
-    args.warmup_epochs = max(1, round(0.1 * args.epochs)) if args.warmup_epochs is None else args.warmup_epochs
-    if args.teacher_temp_warmup_epochs is None:
-        args.teacher_temp_warmup_epochs = max(1, round(0.3 * args.epochs))
-    if args.gram_teacher_epoch is None:
-        args.gram_teacher_epoch = max(1, args.epochs // 4)
-    if args.gram_start is None:
-        args.gram_start = args.gram_teacher_epoch
-    if args.untie_local_norm is None:
-        args.untie_local_norm = args.gram
-    errors = []
-    if args.patch_size <= 0 or args.image_size % args.patch_size or args.local_size % args.patch_size:
-        errors.append(f"--image-size {args.image_size} and --local-size {args.local_size} must both be positive "
-                      f"multiples of --patch-size {args.patch_size} (the ViT cuts images into whole patches)")
-    if args.local_size >= args.image_size:
-        errors.append(f"--local-size {args.local_size} must be smaller than --image-size {args.image_size} "
-                      "(local crops are the small views of multi-crop)")
-    if args.registers < 0:
-        errors.append(f"--registers must be 0 or more, got {args.registers}")
-    if args.local_crops < 0:
-        errors.append(f"--local-crops must be 0 or more, got {args.local_crops}")
-    if args.dim % args.heads or (args.dim // args.heads) % 4:
-        errors.append(f"--dim {args.dim} must divide into --heads {args.heads} heads whose width is a multiple "
-                      "of 4 (axial RoPE splits each head into 4 parts)")
-    for name in ("global_scale", "local_scale", "mask_ratio"):
-        lo, hi = getattr(args, name)
-        if not 0 <= lo <= hi <= 1:
-            errors.append(f"--{name.replace('_', '-')} must be two numbers with 0 <= low <= high <= 1, got {lo} {hi}")
-    if not 0 <= args.mask_prob <= 1:
-        errors.append(f"--mask-prob must be a probability in [0, 1], got {args.mask_prob}")
-    for name in ("epochs", "batch_size", "prototypes", "eval_every", "log_every"):
-        if getattr(args, name) <= 0:
-            errors.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.gram_local_weight < 0 or not 0 <= args.gram_momentum < 1:
-        errors.append(f"--gram-local-weight must be 0 or more and --gram-momentum in [0, 1), got "
-                      f"{args.gram_local_weight} and {args.gram_momentum}")
-    if (args.weights or args.images) and not args.analyze:
-        errors.append("--weights and --images go with --analyze NAME (a released model, e.g. dinov2_vitl14)")
-    if args.num_images is not None and args.num_images <= 0:
-        errors.append(f"--num-images must be positive, got {args.num_images}")
-    if args.gram and args.gram_teacher is None and args.gram_teacher_epoch >= args.epochs:
-        errors.append(f"--gram-teacher-epoch {args.gram_teacher_epoch} must come before the end of training "
-                      f"(--epochs {args.epochs})")
-    if errors:
-        parser.error("; ".join(errors) + ".")
-    return args
 
 
 # -----------------------------------------------------------------------------------------------
-# 2. Data: the `scenes` and `textures` datasets, real datasets, multi-crop augmentation, iBOT masks
+# 2. Multi-crop augmentation and iBOT masks
 # -----------------------------------------------------------------------------------------------
-
-SHAPES = ("disk", "square", "triangle", "diamond", "plus", "ring", "star", "hexagon", "bar", "crescent")
-SCENES_SIZES = {"train": 10000, "test": 2000}
-SCENES_CHUNK = 1000  # images are generated in chunks of 1000, each from its own seed: image i never changes
-
-
-def shape_mask(cls, u, v):
-    """Inside-test of shape `cls` (B,) in object coordinates u, v (B, S, S), object roughly in [-1, 1]^2."""
-    r, phi = torch.sqrt(u ** 2 + v ** 2), torch.atan2(v, u)
-    inside = torch.stack([
-        r < 1,                                                             # disk
-        torch.maximum(u.abs(), v.abs()) < 0.85,                            # square
-        (v < 0.7) & (v > -1.0 + 1.9 * u.abs()),                           # triangle (pointing up)
-        u.abs() + v.abs() < 1.05,                                          # diamond
-        ((u.abs() < 0.32) & (v.abs() < 1)) | ((v.abs() < 0.32) & (u.abs() < 1)),  # plus
-        (r < 1) & (r > 0.55),                                              # ring
-        r < 0.55 + 0.42 * torch.cos(5 * phi),                              # five-pointed star
-        torch.maximum(u.abs() * 0.866 + v.abs() * 0.5, v.abs()) < 0.9,     # hexagon
-        (u / 1.05) ** 2 + (v / 0.4) ** 2 < 1,                              # bar (flat ellipse)
-        (r < 1) & ((u - 0.45) ** 2 + v ** 2 > 0.8 ** 2),                   # crescent
-    ])  # (10, B, S, S)
-    return inside[cls, torch.arange(len(cls))]  # (B, S, S): each image's own shape
-
-
-def _scenes_chunk(seed, split, chunk, size):
-    """Render SCENES_CHUNK images of `size` px: (uint8 images (n,3,S,S), labels (n,), masks (n,S,S))."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + {"train": 0, "test": 500_000}[split] + chunk)
-    n = SCENES_CHUNK
-    U = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-    t = (torch.arange(size) + 0.5) / size
-    y, x = torch.meshgrid(t, t, indexing="ij")
-    y, x = y.expand(n, size, size), x.expand(n, size, size)
-    # background: flat (35%), gradient (25%), stripes (20%), dead leaves (20%); large redundant areas
-    kind = torch.bucketize(U(n), torch.tensor([0.35, 0.6, 0.8]))[:, None, None]
-    c1, c2 = U(n, 3, 1, 1), U(n, 3, 1, 1)
-    th = U(n, 1, 1) * 2 * math.pi
-    proj = (x - 0.5) * torch.cos(th) + (y - 0.5) * torch.sin(th)
-    mix = torch.where(kind == 1, (proj + 0.5).clamp(0, 1), torch.zeros_like(x))
-    freq, phase = 2 + 4 * U(n, 1, 1), U(n, 1, 1) * 2 * math.pi
-    mix = torch.where(kind == 2, (torch.sin(2 * math.pi * freq * proj + phase) > 0).float(), mix)
-    img = c1 + (c2 - c1) * mix[:, None]
-    for _ in range(14):  # dead leaves: discs of random colour and size stacked over the background
-        cx, cy, rad, col = U(n, 1, 1), U(n, 1, 1), 0.05 + 0.25 * U(n, 1, 1), U(n, 3, 1, 1)
-        disc = ((x - cx) ** 2 + (y - cy) ** 2 < rad ** 2) & (kind == 3)
-        img = torch.where(disc[:, None], col, img)
-    labels = torch.randint(len(SHAPES), (n,), generator=g)
-    masks = torch.zeros(n, size, size, dtype=torch.uint8)
-
-    def draw(img, cls, cx, cy, scale, present):
-        ang = (U(n) - 0.5) * math.radians(40)  # +-20 degrees keeps square and diamond apart
-        aspect = 0.85 + 0.3 * U(n)
-        dx, dy = (x - cx[:, None, None]) / scale[:, None, None], (y - cy[:, None, None]) / scale[:, None, None]
-        ca, sa = torch.cos(ang)[:, None, None], torch.sin(ang)[:, None, None]
-        u, v = (ca * dx + sa * dy) * aspect[:, None, None], (-sa * dx + ca * dy) / aspect[:, None, None]
-        inside = shape_mask(cls, u, v) & present[:, None, None]
-        # the object's colour keeps a distance from the background colour; its texture is one of
-        # solid, stripes, checker or radial gradient between two colours
-        col = U(n, 3, 1, 1)
-        col = torch.where((col - c1).abs().mean(1, keepdim=True) < 0.25, 1 - col, col)
-        col2 = col * (0.3 + 0.4 * U(n, 1, 1, 1))
-        tex = torch.randint(4, (n, 1, 1), generator=g)
-        f = 2 + 3 * U(n, 1, 1)
-        pattern = torch.stack([torch.zeros_like(u), (torch.sin(math.pi * f * u) > 0).float(),
-                               ((torch.sin(math.pi * f * u) > 0) ^ (torch.sin(math.pi * f * v) > 0)).float(),
-                               (u ** 2 + v ** 2).sqrt().clamp(0, 1)])  # (4, n, S, S)
-        pat = pattern[tex[:, 0, 0], torch.arange(n)]
-        obj = col + (col2 - col) * pat[:, None]
-        return torch.where(inside[:, None], obj, img), inside
-
-    for _ in range(2):  # distractors: small objects of any class, drawn first so the main object covers them
-        dcls = torch.randint(len(SHAPES), (n,), generator=g)
-        img, inside = draw(img, dcls, U(n), U(n), 0.07 + 0.07 * U(n), U(n) < 0.35)
-        masks[inside] = (dcls + 1)[:, None, None].expand_as(inside)[inside].to(torch.uint8)
-    cx, cy = 0.5 + 0.3 * (U(n) - 0.5), 0.5 + 0.3 * (U(n) - 0.5)
-    img, inside = draw(img, labels, cx, cy, 0.22 + 0.16 * U(n), torch.ones(n, dtype=torch.bool))
-    masks[inside] = (labels + 1)[:, None, None].expand_as(inside)[inside].to(torch.uint8)
-    img = (img + 0.03 * torch.randn(img.shape, generator=g)).clamp(0, 1)
-    return (img * 255).round().to(torch.uint8), labels, masks
-
-
-def make_scenes(split="train", n=None, size=32, seed=0):
-    """The built-in dataset: (images uint8 (n,3,S,S), labels (n,) in 0..9, masks uint8 (n,S,S) 0=background).
-
-    Deterministic from (seed, split, index); the same scene renders at any resolution (32, 64, 96, ...)."""
-    n = SCENES_SIZES[split] if n is None else n
-    parts = [_scenes_chunk(seed, split, c, size) for c in range(math.ceil(n / SCENES_CHUNK))]
-    return tuple(torch.cat(p)[:n] for p in zip(*parts))
-
-
-# `textures`: object-centric, designed so that DINO can learn it at small scale. One object fills most of the frame, so
-# every crop sees part of it; its class is its surface texture (one of 10 two-tone patterns drawn in the
-# object's own frame, so they rotate and scale with it), on a random shape with random colours, rotation,
-# scale and position over a flat or gradient background. A texture survives cropping, flips, colour jitter,
-# grayscale, blur and solarisation, and a ViT's patches see it directly; raw pixels and a random-init ViT
-# do not (measured: bench/screen_data.py, docs/data.md).
-TEXTURES = ("stripes", "checker", "dots", "rings", "grid", "chevrons", "pinwheel", "waves", "blobs", "plain")
-TEXTURES_SIZES = {"train": 10000, "test": 2000}
-
-
-def texture_pattern(cls, u, v, f, noise):
-    """Two-tone texture `cls` (n,) on object coordinates u, v (n,S,S) with frequency f (n,1,1) and a smooth
-    noise field (n,S,S) for `blobs`: a 0/1 pattern (n,S,S). Only each image's own pattern is computed."""
-    r, phi = torch.sqrt(u ** 2 + v ** 2), torch.atan2(v, u)
-    out = torch.zeros_like(u)
-    for c in range(len(TEXTURES)):
-        i = (cls == c).nonzero().squeeze(1)
-        if len(i) == 0:
-            continue
-        uc, vc, fc, rc, pc = u[i], v[i], f[i], r[i], phi[i]
-        su, sv = torch.sin(fc * uc), torch.sin(fc * vc)
-        out[i] = [lambda: su > 0,                                                  # stripes
-                  lambda: (su > 0) ^ (sv > 0),                                     # checker
-                  lambda: torch.cos(fc * uc) * torch.cos(fc * vc) > 0.35,          # dots
-                  lambda: torch.sin(1.3 * fc * rc) > 0,                            # concentric rings
-                  lambda: (su.abs() < 0.45) | (sv.abs() < 0.45),                   # grid lines
-                  lambda: torch.sin(fc * (vc + uc.abs())) > 0,                     # chevrons
-                  lambda: torch.sin(5 * pc) > 0,                                   # pinwheel sectors
-                  lambda: torch.sin(fc * uc + 2.2 * torch.sin(0.8 * fc * vc)) > 0,  # wavy stripes
-                  lambda: noise[i] > 0.3,                                          # blobs
-                  lambda: torch.zeros_like(uc, dtype=torch.bool)][c]().float()     # plain
-    return out
-
-
-def make_textures(split="train", n=None, size=32, seed=0, chunk=1000):
-    """The `textures` dataset: (images uint8 (n,3,S,S), labels (n,) in 0..9, masks uint8 (n,S,S): 0 =
-    background, label + 1 = the object). Deterministic from (seed, split): the whole split is drawn, the
-    first n are returned; the same scenes render at any resolution (32, 64, ...; only the pixel noise differs)."""
-    N = TEXTURES_SIZES[split]
-    n = N if n is None else n
-    g = torch.Generator().manual_seed(seed * 1_000_003 + {"train": 0, "test": 500_000}[split] + 77)
-    U = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-    # every random draw, in a fixed order, for the whole split (images do not depend on n)
-    c1, c2, bg_angle, bg_kind = U(N, 3, 1, 1), U(N, 3, 1, 1), U(N, 1, 1) * 2 * math.pi, U(N, 1, 1)
-    labels = torch.randint(len(TEXTURES), (N,), generator=g)
-    cx, cy = 0.5 + 0.2 * (U(N) - 0.5), 0.5 + 0.2 * (U(N) - 0.5)  # object centre
-    scale = 0.36 + 0.12 * U(N)  # half-size: the object spans 70-95% of the frame
-    ang, aspect = (2 * U(N) - 1) * math.pi, 0.85 + 0.3 * U(N)
-    shape = torch.randint(len(SHAPES), (N,), generator=g)  # any shape: the texture alone is the class
-    freq = (2.2 + 1.3 * U(N, 1, 1)) * math.pi  # 2.2-3.5 periods across the object
-    noise = F.interpolate(torch.randn(N, 1, 5, 5, generator=g), size=size, mode="bicubic", align_corners=False)[:, 0]
-    col, col2 = U(N, 3, 1, 1), U(N, 3, 1, 1)
-    col = torch.where((col - c1).abs().mean(1, keepdim=True) < 0.25, 1 - col, col)  # object away from background
-    col2 = torch.where((col2 - col).abs().mean(1, keepdim=True) < 0.3, 1 - col2, col2)  # and its two tones apart
-    pixel_noise = torch.randn(N, 3, size, size, generator=g)
-    images, masks = [], []
-    t = (torch.arange(size) + 0.5) / size
-    for a in range(0, n, chunk):
-        sl = slice(a, min(n, a + chunk))
-        m = sl.stop - a
-        y, x = torch.meshgrid(t, t, indexing="ij")
-        y, x = y.expand(m, size, size), x.expand(m, size, size)
-        e = lambda z: z[sl, None, None]  # noqa: E731
-        # background: flat (50%) or a linear gradient between two colours
-        proj = ((x - 0.5) * torch.cos(bg_angle[sl]) + (y - 0.5) * torch.sin(bg_angle[sl]) + 0.5).clamp(0, 1)
-        mix = torch.where(bg_kind[sl] < 0.5, torch.zeros_like(x), proj)
-        img = c1[sl] + (c2[sl] - c1[sl]) * mix[:, None]
-        # object frame: u, v in [-1, 1] across the object
-        dx, dy = (x - e(cx)) / e(scale), (y - e(cy)) / e(scale)
-        ca, sa = e(torch.cos(ang)), e(torch.sin(ang))
-        u, v = (ca * dx + sa * dy) * e(aspect), (-sa * dx + ca * dy) / e(aspect)
-        inside = shape_mask(shape[sl], u, v)
-        pat = texture_pattern(labels[sl], u, v, freq[sl], noise[sl])
-        obj = col[sl] + (col2[sl] - col[sl]) * pat[:, None]
-        img = torch.where(inside[:, None], obj, img)
-        img = (img + 0.03 * pixel_noise[sl]).clamp(0, 1)
-        images.append((img * 255).round().to(torch.uint8))
-        masks.append(torch.where(inside, labels[sl, None, None] + 1, 0).to(torch.uint8))
-    return torch.cat(images), labels[:n], torch.cat(masks)
-
-
-class UsageError(Exception):
-    """A user mistake found only once the data is loaded; reported like an argparse error (exit 2)."""
-
-
-class DataUnavailable(Exception):
-    """A dataset could not be found or fetched; the command line turns this into a one-paragraph message."""
-
-
-# The published MD5s of the archives, and of CIFAR's pickled batches (as torchvision's dataset classes check
-# them): an archive is checked before it is unpacked, a pickle before it is unpickled (unpickling runs code).
-MD5 = {"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
-       "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
-       "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz": "91f7769df0f17e558f3565bffb0c7dfb",
-       "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz": "e793b78cc4c9e9a4ccc0c1155377a412",
-       "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-       "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-       "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
-       "train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"}
-
-
-def check_md5(path, md5):
-    """Refuse (DataUnavailable) a file whose MD5 is not the published one: corrupt, truncated or replaced."""
-    import hashlib
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    if h.hexdigest() != md5:
-        raise DataUnavailable(f"{path} does not have the published MD5 ({h.hexdigest()} instead of {md5}): it is "
-                              "corrupt, truncated or not the original file, so it was not read. Delete it to download "
-                              "it again")
-
-
-def _fetch(url, root, md5=None):
-    """Download and extract an archive into root with torchvision's helper, which checks the archive's published
-    MD5 before unpacking; no network or a wrong checksum -> DataUnavailable."""
-    from torchvision.datasets.utils import download_and_extract_archive
-    try:
-        download_and_extract_archive(url, download_root=root, md5=md5 or MD5.get(url))
-    except Exception as e:  # URLError, HTTPError, socket errors, a broken archive: all mean "not here"
-        raise DataUnavailable(f"could not fetch {url} into {root} ({type(e).__name__}: {e})") from None
-
-
-def _read_cifar(root, name):
-    """CIFAR-10/100 in the 'python version' layout: pickled dicts with 'data' (N, 3072) and labels."""
-    d = os.path.join(root, "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
-    files = ({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]} if name == "cifar10"
-             else {"train": ["train"], "test": ["test"]})
-    if not all(os.path.exists(os.path.join(d, f)) for fs in files.values() for f in fs):
-        url = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-               "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}[name]
-        _fetch(url, root)
-    out = {}
-    for split, fs in files.items():
-        xs, ys = [], []
-        for f in fs:
-            check_md5(os.path.join(d, f), MD5[f])  # before unpickling: a pickle can carry code
-            with open(os.path.join(d, f), "rb") as fh:
-                e = pickle.load(fh, encoding="latin1")
-            xs.append(torch.as_tensor(e["data"], dtype=torch.uint8).view(-1, 3, 32, 32))
-            ys.append(torch.as_tensor(e["labels" if name == "cifar10" else "fine_labels"]))
-        out[split] = (torch.cat(xs), torch.cat(ys))
-    return out
-
-
-def _read_stl10(root):
-    """STL-10 binary layout: uint8 (N, 3, 96, 96) stored column-major, labels 1..10 (0 = unlabeled)."""
-    d = os.path.join(root, "stl10_binary")
-    if not os.path.exists(os.path.join(d, "unlabeled_X.bin")):
-        _fetch("http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", root)
-
-    def x(f):
-        a = torch.frombuffer(bytearray(open(os.path.join(d, f), "rb").read()), dtype=torch.uint8)
-        return a.view(-1, 3, 96, 96).transpose(2, 3).contiguous()  # column-major -> (N, 3, H, W)
-
-    def y(f):
-        return torch.frombuffer(bytearray(open(os.path.join(d, f), "rb").read()), dtype=torch.uint8).long() - 1
-    return {"train": (x("train_X.bin"), y("train_y.bin")), "test": (x("test_X.bin"), y("test_y.bin")),
-            "unlabeled": (x("unlabeled_X.bin"), None)}
-
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def _load_image(path, size):
-    """An image file -> uint8 (3, size, size): shorter side resized to size (bicubic), centre-cropped; None if
-    the file cannot be read."""
-    from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            s = size / min(im.size)
-            im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BICUBIC)
-            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
-    except Exception:
-        return None  # unreadable file: skipped and counted
-
-
-def _read_folder(root, size, workers):
-    """Class-subfolder images, resized (shorter side) and centre-cropped to size: {split: (x, y)}, classes.
-
-    Uses root/train and root/val when present, else holds out every 10th file of each class for testing."""
-    from concurrent.futures import ThreadPoolExecutor
-    exts = IMAGE_EXTS
-    if not os.path.isdir(root):
-        raise UsageError(f"--data-dir {root}: the image folder does not exist (for --dataset folder, point "
-                         "--data-dir at a folder of class subfolders)")
-    splits = {s: os.path.join(root, s) for s in ("train", "val")} if os.path.isdir(os.path.join(root, "train")) \
-        else {"train": root, "val": root}
-    classes = sorted(c for c in os.listdir(splits["train"]) if os.path.isdir(os.path.join(splits["train"], c)))
-    if not classes:
-        raise UsageError(f"--data-dir {splits['train']} has no class subfolders (--dataset folder expects "
-                         "DIR/class_name/image files, optionally under DIR/train and DIR/val)")
-
-    out, skipped = {}, 0
-    for split, d in splits.items():
-        items = []
-        for ci, c in enumerate(classes):
-            files = sorted(f for f in os.listdir(os.path.join(d, c)) if f.lower().endswith(exts)) \
-                if os.path.isdir(os.path.join(d, c)) else []
-            if d == root:  # no train/val folders: a fixed 90/10 split
-                files = [f for i, f in enumerate(files) if (i % 10 == 9) == (split == "val")]
-            items += [(os.path.join(d, c, f), ci) for f in files]
-        with ThreadPoolExecutor(max(1, workers)) as ex:
-            imgs = list(ex.map(lambda p: _load_image(p, size), [p for p, _ in items]))
-        keep = [i for i, im in enumerate(imgs) if im is not None]
-        skipped += len(items) - len(keep)
-        if not keep:
-            raise UsageError(f"--data-dir {d}: no readable images in its {split} part ({len(items)} image "
-                             "file(s) found, all unreadable)" if items else f"--data-dir {d}: its class "
-                             f"subfolders hold no image files ({', '.join(exts)}) for the {split} part")
-        out[split] = (torch.stack([imgs[i] for i in keep]), torch.tensor([items[i][1] for i in keep]))
-    if skipped:
-        print(f"warning: skipped {skipped} unreadable image file(s) in {root}")
-    return out, classes
-
-
-def load_data(args):
-    """(train_images, knn_train_images, knn_train_labels, test_images, test_labels, test_masks or None).
-
-    Images stay uint8 (N, 3, S, S) at their stored size; crops are resized on the fly."""
-    name, root = args.dataset, args.data_dir
-    if name == "scenes":
-        # with --gram-hires the scenes render at 2x, so the Gram teacher really sees more detail
-        size = args.image_size * (2 if args.gram_hires else 1)
-        x, y, _ = make_scenes("train", args.num_images or SCENES_SIZES["train"], size, args.seed)
-        xt, yt, mt = make_scenes("test", SCENES_SIZES["test"], size, args.seed)
-        return x, x, y, xt, yt, mt
-    if name == "textures":  # built in as well; with --gram-hires rendered at 2x like scenes
-        if (args.num_images or 0) > TEXTURES_SIZES["train"]:
-            raise UsageError(f"--num-images {args.num_images}: the textures dataset has "
-                             f"{TEXTURES_SIZES['train']} training images; give at most that many")
-        size = args.image_size * (2 if args.gram_hires else 1)
-        x, y, _ = make_textures("train", args.num_images, size, args.seed)
-        xt, yt, mt = make_textures("test", None, size, args.seed)
-        return x, x, y, xt, yt, mt
-    if name in ("cifar10", "cifar100"):
-        d = _read_cifar(root, name)
-        (x, y), (xt, yt) = d["train"], d["test"]
-        return x[:args.num_images], x, y, xt, yt, None
-    if name == "stl10":
-        d = _read_stl10(root)  # self-supervised training on unlabeled + train, k-NN on train -> test
-        x = torch.cat([d["unlabeled"][0], d["train"][0]])
-        return x[:args.num_images], d["train"][0], d["train"][1], d["test"][0], d["test"][1], None
-    if name == "imagenette":
-        folder = os.path.join(root, "imagenette2-160")
-        if not os.path.isdir(folder):
-            _fetch("https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz", root)
-        root = folder
-    d, _ = _read_folder(root, args.image_size * (2 if args.gram_hires else 1), args.workers)
-    (x, y), (xt, yt) = d["train"], d["val"]
-    return x[:args.num_images], x, y, xt, yt, None
-
 
 # Multi-crop on whole batches of tensors (DINO Sec. 3.1, DINOv2 data/augmentations.py): every crop of
 # a batch is cut by one grid_sample call, and each photometric transform is applied to a random subset
@@ -947,6 +339,16 @@ class Block(nn.Module):
         return x + branch if scale is None else torch.addcmul(x, branch, scale)
 
 
+def _init_weights(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class ViT(nn.Module):
     """Vision Transformer with [CLS, R registers, N patches] tokens (Darcet et al. 2023) and axial RoPE.
 
@@ -1043,23 +445,6 @@ class ViT(nn.Module):
             grid = rearrange(grid, "1 d h w -> 1 (h w) d")  # (1, N, D)
         regs = pos.new_zeros(1, self.num_registers, pos.shape[-1])
         return torch.cat([pos[:, :1], regs, grid], dim=1).to(self.pos_embed.dtype)  # (1, 1+R+N, D)
-
-
-def _init_weights(m):
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
-def build_backbone(args, student=True):
-    return ViT(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
-               heads=args.heads, num_registers=args.registers, layerscale=args.layerscale,
-               drop_path=args.drop_path if student else 0.0, rope_shift=args.rope_shift,
-               rope_jitter=args.rope_jitter, rope_rescale=args.rope_rescale, untie_local_norm=args.untie_local_norm)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1268,6 +653,13 @@ def pick_device(name):
     return torch.device("cpu")
 
 
+def build_backbone(args, student=True):
+    return ViT(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
+               heads=args.heads, num_registers=args.registers, layerscale=args.layerscale,
+               drop_path=args.drop_path if student else 0.0, rope_shift=args.rope_shift,
+               rope_jitter=args.rope_jitter, rope_rescale=args.rope_rescale, untie_local_norm=args.untie_local_norm)
+
+
 def cosine_schedule(base, final, total, warmup=0, start=0.0):
     """Per-iteration values: linear warmup start -> base over `warmup` iterations (reaching base at its last
     one, as the reference's CosineScheduler), then cosine base -> final."""
@@ -1287,6 +679,32 @@ def make_schedules(args, steps_per_epoch):
             "wd": cosine_schedule(args.weight_decay[0], args.weight_decay[1], total),
             "momentum": cosine_schedule(args.momentum[0], args.momentum[1], total),
             "teacher_temp": temp[:total]}
+
+
+def gram_ramp(it, sched, args):
+    """Progress of the Gram phase's switch-on at iteration it: 0 before --gram-start, then a cosine 0 -> 1 over
+    --gram-ramp-epochs, then 1. The reference ramps the Gram weight 0 -> 2 and the local DINO weight 1 -> 0.5
+    on the same one-epoch cosine (`loss_weight_schedule`, `local_loss_weight_schedule`)."""
+    if not args.gram:
+        return 0.0
+    spe = sched["steps_per_epoch"]
+    start = args.gram_start * spe
+    if it < start:
+        return 0.0
+    ramp = max(2, round(args.gram_ramp_epochs * spe))  # iterations; the cosine's last one reaches 1
+    return 0.5 * (1 - math.cos(math.pi * min(1.0, (it - start) / (ramp - 1))))
+
+
+def gram_weight(it, sched, args):
+    """Gram loss weight at iteration it: 0 before --gram-start, then a cosine ramp up to --gram-weight."""
+    return args.gram_weight * gram_ramp(it, sched, args)
+
+
+def teacher_momentum(it, sched, args):
+    """EMA momentum at iteration it: the cosine schedule, but --gram-momentum (reference 0.999) in the Gram phase."""
+    if args.gram and args.gram_momentum > 0 and it >= args.gram_start * sched["steps_per_epoch"]:
+        return args.gram_momentum
+    return sched["momentum"][it]
 
 
 def param_groups(model, depth, layer_decay):
@@ -1363,32 +781,6 @@ def compute_losses(student, teacher, gram_teacher, images, crops, masks, it, sch
     return total, parts, stats
 
 
-def gram_ramp(it, sched, args):
-    """Progress of the Gram phase's switch-on at iteration it: 0 before --gram-start, then a cosine 0 -> 1 over
-    --gram-ramp-epochs, then 1. The reference ramps the Gram weight 0 -> 2 and the local DINO weight 1 -> 0.5
-    on the same one-epoch cosine (`loss_weight_schedule`, `local_loss_weight_schedule`)."""
-    if not args.gram:
-        return 0.0
-    spe = sched["steps_per_epoch"]
-    start = args.gram_start * spe
-    if it < start:
-        return 0.0
-    ramp = max(2, round(args.gram_ramp_epochs * spe))  # iterations; the cosine's last one reaches 1
-    return 0.5 * (1 - math.cos(math.pi * min(1.0, (it - start) / (ramp - 1))))
-
-
-def gram_weight(it, sched, args):
-    """Gram loss weight at iteration it: 0 before --gram-start, then a cosine ramp up to --gram-weight."""
-    return args.gram_weight * gram_ramp(it, sched, args)
-
-
-def teacher_momentum(it, sched, args):
-    """EMA momentum at iteration it: the cosine schedule, but --gram-momentum (reference 0.999) in the Gram phase."""
-    if args.gram and args.gram_momentum > 0 and it >= args.gram_start * sched["steps_per_epoch"]:
-        return args.gram_momentum
-    return sched["momentum"][it]
-
-
 def collapse_alarm(records, args):
     """A message when the logged steps since the last evaluation look collapsed, else None.
 
@@ -1460,6 +852,10 @@ def load_checkpoint(path, args=None):
         if diff:
             raise CheckpointError(f"{path} was trained with a different configuration ({'; '.join(diff)})")
     return ck
+
+
+class UsageError(Exception):
+    """A user mistake found only once the data is loaded; reported like an argparse error (exit 2)."""
 
 
 def crop_kwargs(args):
@@ -1813,8 +1209,8 @@ def knn_random_init(backbone, x_train, y_train, x_test, y_test, args, device):
 
 
 # -----------------------------------------------------------------------------------------------
-# 9. Analysis: instruments for the two failures. Storage: high-norm artifact tokens (registers paper
-# Sec. 2); signal: dense features that lose locality while the global ones improve (DINOv3 Sec. 4.1).
+# 9. Instruments for the two failures. Storage: high-norm artifact tokens (registers paper Sec. 2);
+# signal: dense features that lose locality while the global ones improve (DINOv3 Sec. 4.1).
 # -----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -1991,6 +1387,19 @@ def analyze(tok, labels=None, masks=None):
                "cls_attn": tok["attn"], "reg_attn": tok["reg_attn"]}
 
 
+INSTRUMENTS_LOGGED = ("dense_miou", "dense_fg_miou", "similarity_locality", "outlier_fraction", "patch_norm_median",
+                      "patch_norm_max_ratio", "patch_norm_bimodality", "patch_write_median", "patch_write_max",
+                      "register_norm_mean", "patch_effective_rank", "patch_cls_cosine")
+
+
+def eval_instruments(backbone, x_test, y_test, test_masks, args, device):
+    """The instruments' key figures for log.jsonl at each evaluation (dense ones only with masks)."""
+    n = min(args.analyze_images, len(x_test))
+    tok = collect_tokens(backbone, x_test[:n], args.image_size, device)
+    m, _ = analyze(tok, None, test_masks[:n] if test_masks is not None else None)
+    return {k: (round(m[k], 5) if m[k] is not None else None) for k in INSTRUMENTS_LOGGED}
+
+
 def _pca_rgb(patches, fit=None):
     """Patch features (N,P,D) -> (N,P,3) in [0,1]: the first 3 principal components (fitted on `fit`),
     each min-max scaled over the whole set, as in the DINOv2 figures."""
@@ -2149,8 +1558,53 @@ def plot_log(out_dir):
     return out
 
 
-# ---- the released models: DINOv2 (with and without registers) and DINOv3 weights in this file's ViT, where the
-# high-norm artifacts are known to exist (registers paper, Fig. 1 and 7)
+def load_teacher(path, device="cpu"):
+    """The EMA teacher's backbone of a run folder or checkpoint, in eval mode: (backbone, the run's args, checkpoint)."""
+    ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    if not os.path.exists(ck_path):
+        raise UsageError(f"found no checkpoint at {ck_path} (give a run folder that holds checkpoint.pt, or the file)")
+    ck = load_checkpoint(ck_path)
+    args = argparse.Namespace(**ck["args"])
+    backbone = build_backbone(args, student=False).to(device)
+    backbone.load_state_dict(ck["teacher_backbone"])
+    return backbone.eval(), args, ck
+
+
+def analyze_run(path, device_name="auto", n_images=1000):
+    """--analyze: load a checkpoint (or a run folder holding one), measure its EMA teacher on the test
+    images of its own dataset, and write analysis/metrics.json and the PNGs next to the checkpoint."""
+    ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+    device = pick_device(device_name)
+    backbone, args, ck = load_teacher(ck_path, device)
+    x_train, _, _, x_test, y_test, masks = load_data(args)
+    epoch = ck["step"] / max(1, len(x_train) // args.batch_size)
+    n = min(n_images, len(x_test))
+    tok = collect_tokens(backbone, x_test[:n], args.image_size, device)
+    metrics, details = analyze(tok, y_test[:n], masks[:n] if masks is not None else None)
+    metrics.update(checkpoint=ck_path, epoch=epoch, model=args.model, registers=args.registers,
+                   dataset=args.dataset)
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(ck_path)), "analysis")
+    title = f"{args.model} ViT, {args.registers} registers, {args.dataset}, epoch {epoch:g} (EMA teacher)"
+    pics = plot_analysis(tok, details, metrics, x_test[:n], out_dir, title, masks[:n] if masks is not None else None)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    for k in ("outlier_fraction", "outlier_background_share", "outlier_cls_attention_share", "outlier_knn_acc",
+              "normal_patch_knn_acc", "register_norm_mean", "register_cls_attention_share", "patch_norm_median",
+              "patch_norm_max_ratio", "patch_write_median", "patch_write_max", "patch_norm_bimodality", "dense_miou",
+              "dense_fg_miou", "patch_effective_rank", "patch_cls_cosine", "similarity_locality",
+              "similarity_locality_chance"):
+        v = metrics.get(k)
+        print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+    if metrics["skipped"]:
+        print("skipped: " + "; ".join(metrics["skipped"]))
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')} and {len(pics)} pictures in {out_dir}")
+    return metrics
+
+
+# -----------------------------------------------------------------------------------------------
+# 10. The released models: DINOv2 (with and without registers) and DINOv3 weights in this file's ViT,
+# where the high-norm artifacts are known to exist (registers paper, Fig. 1 and 7)
+# -----------------------------------------------------------------------------------------------
 
 # where dinov2's hubconf.py downloads them (dinov2/hub/backbones.py); the _reg models have 4 registers
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{a}/{a}{r}_pretrain.pth"
@@ -2197,6 +1651,20 @@ def _official_to_ours(sd, vit):
     return vit.eval()
 
 
+def _released_vit(sd, heads, R, eps, **kw):
+    """The ViT an official state dict describes: width, depth, patch size, MLP width, LayerScale from the shapes."""
+    D, _, p, _ = sd["patch_embed.proj.weight"].shape
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D
+    vit = ViT(image_size=224, patch_size=p, dim=D, depth=depth, heads=heads, num_registers=R, mlp_ratio=hidden / D,
+              layerscale=1.0 if "blocks.0.ls1.gamma" in sd else 0.0,
+              untie_local_norm="local_cls_norm.weight" in sd, **kw)
+    for m in vit.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = eps
+    return vit
+
+
 def load_dinov2(state_dict, heads=None):
     """A released DINOv2 backbone state dict (official names) -> this file's ViT, eval mode. The architecture is
     read from the shapes (heads: 64 channels each, as in every released model); LayerNorm eps 1e-6; learned
@@ -2220,20 +1688,6 @@ def load_dinov3(state_dict):
     D = sd["patch_embed.proj.weight"].shape[0]
     R = sd["storage_tokens"].shape[1] if "storage_tokens" in sd else 0
     return _official_to_ours(sd, _released_vit(sd, D // (4 * len(sd["rope_embed.periods"])), R, eps=1e-5))
-
-
-def _released_vit(sd, heads, R, eps, **kw):
-    """The ViT an official state dict describes: width, depth, patch size, MLP width, LayerScale from the shapes."""
-    D, _, p, _ = sd["patch_embed.proj.weight"].shape
-    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
-    hidden = sd["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in sd else 4 * D
-    vit = ViT(image_size=224, patch_size=p, dim=D, depth=depth, heads=heads, num_registers=R, mlp_ratio=hidden / D,
-              layerscale=1.0 if "blocks.0.ls1.gamma" in sd else 0.0,
-              untie_local_norm="local_cls_norm.weight" in sd, **kw)
-    for m in vit.modules():
-        if isinstance(m, nn.LayerNorm):
-            m.eps = eps
-    return vit
 
 
 def load_released(state_dict):
@@ -2335,65 +1789,621 @@ def analyze_command(args):
     return analyze_released(args, ck)
 
 
-def load_teacher(path, device="cpu"):
-    """The EMA teacher's backbone of a run folder or checkpoint, in eval mode: (backbone, the run's args, checkpoint)."""
-    ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    if not os.path.exists(ck_path):
-        raise UsageError(f"found no checkpoint at {ck_path} (give a run folder that holds checkpoint.pt, or the file)")
-    ck = load_checkpoint(ck_path)
-    args = argparse.Namespace(**ck["args"])
-    backbone = build_backbone(args, student=False).to(device)
-    backbone.load_state_dict(ck["teacher_backbone"])
-    return backbone.eval(), args, ck
+# -----------------------------------------------------------------------------------------------
+# 11. Data: the `scenes` and `textures` datasets and the readers of real datasets
+# -----------------------------------------------------------------------------------------------
+
+class DataUnavailable(Exception):
+    """A dataset could not be found or fetched; the command line turns this into a one-paragraph message."""
 
 
-def analyze_run(path, device_name="auto", n_images=1000):
-    """--analyze: load a checkpoint (or a run folder holding one), measure its EMA teacher on the test
-    images of its own dataset, and write analysis/metrics.json and the PNGs next to the checkpoint."""
-    ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
-    device = pick_device(device_name)
-    backbone, args, ck = load_teacher(ck_path, device)
-    x_train, _, _, x_test, y_test, masks = load_data(args)
-    epoch = ck["step"] / max(1, len(x_train) // args.batch_size)
-    n = min(n_images, len(x_test))
-    tok = collect_tokens(backbone, x_test[:n], args.image_size, device)
-    metrics, details = analyze(tok, y_test[:n], masks[:n] if masks is not None else None)
-    metrics.update(checkpoint=ck_path, epoch=epoch, model=args.model, registers=args.registers,
-                   dataset=args.dataset)
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(ck_path)), "analysis")
-    title = f"{args.model} ViT, {args.registers} registers, {args.dataset}, epoch {epoch:g} (EMA teacher)"
-    pics = plot_analysis(tok, details, metrics, x_test[:n], out_dir, title, masks[:n] if masks is not None else None)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    for k in ("outlier_fraction", "outlier_background_share", "outlier_cls_attention_share", "outlier_knn_acc",
-              "normal_patch_knn_acc", "register_norm_mean", "register_cls_attention_share", "patch_norm_median",
-              "patch_norm_max_ratio", "patch_write_median", "patch_write_max", "patch_norm_bimodality", "dense_miou",
-              "dense_fg_miou", "patch_effective_rank", "patch_cls_cosine", "similarity_locality",
-              "similarity_locality_chance"):
-        v = metrics.get(k)
-        print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
-    if metrics["skipped"]:
-        print("skipped: " + "; ".join(metrics["skipped"]))
-    print(f"wrote {os.path.join(out_dir, 'metrics.json')} and {len(pics)} pictures in {out_dir}")
-    return metrics
+DATASETS = ("scenes", "textures", "cifar10", "cifar100", "stl10", "imagenette", "folder")
 
 
-INSTRUMENTS_LOGGED = ("dense_miou", "dense_fg_miou", "similarity_locality", "outlier_fraction", "patch_norm_median",
-                      "patch_norm_max_ratio", "patch_norm_bimodality", "patch_write_median", "patch_write_max",
-                      "register_norm_mean", "patch_effective_rank", "patch_cls_cosine")
+SHAPES = ("disk", "square", "triangle", "diamond", "plus", "ring", "star", "hexagon", "bar", "crescent")
+SCENES_SIZES = {"train": 10000, "test": 2000}
+SCENES_CHUNK = 1000  # images are generated in chunks of 1000, each from its own seed: image i never changes
 
 
-def eval_instruments(backbone, x_test, y_test, test_masks, args, device):
-    """The instruments' key figures for log.jsonl at each evaluation (dense ones only with masks)."""
-    n = min(args.analyze_images, len(x_test))
-    tok = collect_tokens(backbone, x_test[:n], args.image_size, device)
-    m, _ = analyze(tok, None, test_masks[:n] if test_masks is not None else None)
-    return {k: (round(m[k], 5) if m[k] is not None else None) for k in INSTRUMENTS_LOGGED}
+def shape_mask(cls, u, v):
+    """Inside-test of shape `cls` (B,) in object coordinates u, v (B, S, S), object roughly in [-1, 1]^2."""
+    r, phi = torch.sqrt(u ** 2 + v ** 2), torch.atan2(v, u)
+    inside = torch.stack([
+        r < 1,                                                             # disk
+        torch.maximum(u.abs(), v.abs()) < 0.85,                            # square
+        (v < 0.7) & (v > -1.0 + 1.9 * u.abs()),                           # triangle (pointing up)
+        u.abs() + v.abs() < 1.05,                                          # diamond
+        ((u.abs() < 0.32) & (v.abs() < 1)) | ((v.abs() < 0.32) & (u.abs() < 1)),  # plus
+        (r < 1) & (r > 0.55),                                              # ring
+        r < 0.55 + 0.42 * torch.cos(5 * phi),                              # five-pointed star
+        torch.maximum(u.abs() * 0.866 + v.abs() * 0.5, v.abs()) < 0.9,     # hexagon
+        (u / 1.05) ** 2 + (v / 0.4) ** 2 < 1,                              # bar (flat ellipse)
+        (r < 1) & ((u - 0.45) ** 2 + v ** 2 > 0.8 ** 2),                   # crescent
+    ])  # (10, B, S, S)
+    return inside[cls, torch.arange(len(cls))]  # (B, S, S): each image's own shape
+
+
+def _scenes_chunk(seed, split, chunk, size):
+    """Render SCENES_CHUNK images of `size` px: (uint8 images (n,3,S,S), labels (n,), masks (n,S,S))."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + {"train": 0, "test": 500_000}[split] + chunk)
+    n = SCENES_CHUNK
+    U = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    t = (torch.arange(size) + 0.5) / size
+    y, x = torch.meshgrid(t, t, indexing="ij")
+    y, x = y.expand(n, size, size), x.expand(n, size, size)
+    # background: flat (35%), gradient (25%), stripes (20%), dead leaves (20%); large redundant areas
+    kind = torch.bucketize(U(n), torch.tensor([0.35, 0.6, 0.8]))[:, None, None]
+    c1, c2 = U(n, 3, 1, 1), U(n, 3, 1, 1)
+    th = U(n, 1, 1) * 2 * math.pi
+    proj = (x - 0.5) * torch.cos(th) + (y - 0.5) * torch.sin(th)
+    mix = torch.where(kind == 1, (proj + 0.5).clamp(0, 1), torch.zeros_like(x))
+    freq, phase = 2 + 4 * U(n, 1, 1), U(n, 1, 1) * 2 * math.pi
+    mix = torch.where(kind == 2, (torch.sin(2 * math.pi * freq * proj + phase) > 0).float(), mix)
+    img = c1 + (c2 - c1) * mix[:, None]
+    for _ in range(14):  # dead leaves: discs of random colour and size stacked over the background
+        cx, cy, rad, col = U(n, 1, 1), U(n, 1, 1), 0.05 + 0.25 * U(n, 1, 1), U(n, 3, 1, 1)
+        disc = ((x - cx) ** 2 + (y - cy) ** 2 < rad ** 2) & (kind == 3)
+        img = torch.where(disc[:, None], col, img)
+    labels = torch.randint(len(SHAPES), (n,), generator=g)
+    masks = torch.zeros(n, size, size, dtype=torch.uint8)
+
+    def draw(img, cls, cx, cy, scale, present):
+        ang = (U(n) - 0.5) * math.radians(40)  # +-20 degrees keeps square and diamond apart
+        aspect = 0.85 + 0.3 * U(n)
+        dx, dy = (x - cx[:, None, None]) / scale[:, None, None], (y - cy[:, None, None]) / scale[:, None, None]
+        ca, sa = torch.cos(ang)[:, None, None], torch.sin(ang)[:, None, None]
+        u, v = (ca * dx + sa * dy) * aspect[:, None, None], (-sa * dx + ca * dy) / aspect[:, None, None]
+        inside = shape_mask(cls, u, v) & present[:, None, None]
+        # the object's colour keeps a distance from the background colour; its texture is one of
+        # solid, stripes, checker or radial gradient between two colours
+        col = U(n, 3, 1, 1)
+        col = torch.where((col - c1).abs().mean(1, keepdim=True) < 0.25, 1 - col, col)
+        col2 = col * (0.3 + 0.4 * U(n, 1, 1, 1))
+        tex = torch.randint(4, (n, 1, 1), generator=g)
+        f = 2 + 3 * U(n, 1, 1)
+        pattern = torch.stack([torch.zeros_like(u), (torch.sin(math.pi * f * u) > 0).float(),
+                               ((torch.sin(math.pi * f * u) > 0) ^ (torch.sin(math.pi * f * v) > 0)).float(),
+                               (u ** 2 + v ** 2).sqrt().clamp(0, 1)])  # (4, n, S, S)
+        pat = pattern[tex[:, 0, 0], torch.arange(n)]
+        obj = col + (col2 - col) * pat[:, None]
+        return torch.where(inside[:, None], obj, img), inside
+
+    for _ in range(2):  # distractors: small objects of any class, drawn first so the main object covers them
+        dcls = torch.randint(len(SHAPES), (n,), generator=g)
+        img, inside = draw(img, dcls, U(n), U(n), 0.07 + 0.07 * U(n), U(n) < 0.35)
+        masks[inside] = (dcls + 1)[:, None, None].expand_as(inside)[inside].to(torch.uint8)
+    cx, cy = 0.5 + 0.3 * (U(n) - 0.5), 0.5 + 0.3 * (U(n) - 0.5)
+    img, inside = draw(img, labels, cx, cy, 0.22 + 0.16 * U(n), torch.ones(n, dtype=torch.bool))
+    masks[inside] = (labels + 1)[:, None, None].expand_as(inside)[inside].to(torch.uint8)
+    img = (img + 0.03 * torch.randn(img.shape, generator=g)).clamp(0, 1)
+    return (img * 255).round().to(torch.uint8), labels, masks
+
+
+def make_scenes(split="train", n=None, size=32, seed=0):
+    """The built-in dataset: (images uint8 (n,3,S,S), labels (n,) in 0..9, masks uint8 (n,S,S) 0=background).
+
+    Deterministic from (seed, split, index); the same scene renders at any resolution (32, 64, 96, ...)."""
+    n = SCENES_SIZES[split] if n is None else n
+    parts = [_scenes_chunk(seed, split, c, size) for c in range(math.ceil(n / SCENES_CHUNK))]
+    return tuple(torch.cat(p)[:n] for p in zip(*parts))
+
+
+# `textures`: object-centric, designed so that DINO can learn it at small scale. One object fills most of the frame, so
+# every crop sees part of it; its class is its surface texture (one of 10 two-tone patterns drawn in the
+# object's own frame, so they rotate and scale with it), on a random shape with random colours, rotation,
+# scale and position over a flat or gradient background. A texture survives cropping, flips, colour jitter,
+# grayscale, blur and solarisation, and a ViT's patches see it directly; raw pixels and a random-init ViT
+# do not (measured: bench/screen_data.py, docs/data.md).
+TEXTURES = ("stripes", "checker", "dots", "rings", "grid", "chevrons", "pinwheel", "waves", "blobs", "plain")
+TEXTURES_SIZES = {"train": 10000, "test": 2000}
+
+
+def texture_pattern(cls, u, v, f, noise):
+    """Two-tone texture `cls` (n,) on object coordinates u, v (n,S,S) with frequency f (n,1,1) and a smooth
+    noise field (n,S,S) for `blobs`: a 0/1 pattern (n,S,S). Only each image's own pattern is computed."""
+    r, phi = torch.sqrt(u ** 2 + v ** 2), torch.atan2(v, u)
+    out = torch.zeros_like(u)
+    for c in range(len(TEXTURES)):
+        i = (cls == c).nonzero().squeeze(1)
+        if len(i) == 0:
+            continue
+        uc, vc, fc, rc, pc = u[i], v[i], f[i], r[i], phi[i]
+        su, sv = torch.sin(fc * uc), torch.sin(fc * vc)
+        out[i] = [lambda: su > 0,                                                  # stripes
+                  lambda: (su > 0) ^ (sv > 0),                                     # checker
+                  lambda: torch.cos(fc * uc) * torch.cos(fc * vc) > 0.35,          # dots
+                  lambda: torch.sin(1.3 * fc * rc) > 0,                            # concentric rings
+                  lambda: (su.abs() < 0.45) | (sv.abs() < 0.45),                   # grid lines
+                  lambda: torch.sin(fc * (vc + uc.abs())) > 0,                     # chevrons
+                  lambda: torch.sin(5 * pc) > 0,                                   # pinwheel sectors
+                  lambda: torch.sin(fc * uc + 2.2 * torch.sin(0.8 * fc * vc)) > 0,  # wavy stripes
+                  lambda: noise[i] > 0.3,                                          # blobs
+                  lambda: torch.zeros_like(uc, dtype=torch.bool)][c]().float()     # plain
+    return out
+
+
+def make_textures(split="train", n=None, size=32, seed=0, chunk=1000):
+    """The `textures` dataset: (images uint8 (n,3,S,S), labels (n,) in 0..9, masks uint8 (n,S,S): 0 =
+    background, label + 1 = the object). Deterministic from (seed, split): the whole split is drawn, the
+    first n are returned; the same scenes render at any resolution (32, 64, ...; only the pixel noise differs)."""
+    N = TEXTURES_SIZES[split]
+    n = N if n is None else n
+    g = torch.Generator().manual_seed(seed * 1_000_003 + {"train": 0, "test": 500_000}[split] + 77)
+    U = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    # every random draw, in a fixed order, for the whole split (images do not depend on n)
+    c1, c2, bg_angle, bg_kind = U(N, 3, 1, 1), U(N, 3, 1, 1), U(N, 1, 1) * 2 * math.pi, U(N, 1, 1)
+    labels = torch.randint(len(TEXTURES), (N,), generator=g)
+    cx, cy = 0.5 + 0.2 * (U(N) - 0.5), 0.5 + 0.2 * (U(N) - 0.5)  # object centre
+    scale = 0.36 + 0.12 * U(N)  # half-size: the object spans 70-95% of the frame
+    ang, aspect = (2 * U(N) - 1) * math.pi, 0.85 + 0.3 * U(N)
+    shape = torch.randint(len(SHAPES), (N,), generator=g)  # any shape: the texture alone is the class
+    freq = (2.2 + 1.3 * U(N, 1, 1)) * math.pi  # 2.2-3.5 periods across the object
+    noise = F.interpolate(torch.randn(N, 1, 5, 5, generator=g), size=size, mode="bicubic", align_corners=False)[:, 0]
+    col, col2 = U(N, 3, 1, 1), U(N, 3, 1, 1)
+    col = torch.where((col - c1).abs().mean(1, keepdim=True) < 0.25, 1 - col, col)  # object away from background
+    col2 = torch.where((col2 - col).abs().mean(1, keepdim=True) < 0.3, 1 - col2, col2)  # and its two tones apart
+    pixel_noise = torch.randn(N, 3, size, size, generator=g)
+    images, masks = [], []
+    t = (torch.arange(size) + 0.5) / size
+    for a in range(0, n, chunk):
+        sl = slice(a, min(n, a + chunk))
+        m = sl.stop - a
+        y, x = torch.meshgrid(t, t, indexing="ij")
+        y, x = y.expand(m, size, size), x.expand(m, size, size)
+        e = lambda z: z[sl, None, None]  # noqa: E731
+        # background: flat (50%) or a linear gradient between two colours
+        proj = ((x - 0.5) * torch.cos(bg_angle[sl]) + (y - 0.5) * torch.sin(bg_angle[sl]) + 0.5).clamp(0, 1)
+        mix = torch.where(bg_kind[sl] < 0.5, torch.zeros_like(x), proj)
+        img = c1[sl] + (c2[sl] - c1[sl]) * mix[:, None]
+        # object frame: u, v in [-1, 1] across the object
+        dx, dy = (x - e(cx)) / e(scale), (y - e(cy)) / e(scale)
+        ca, sa = e(torch.cos(ang)), e(torch.sin(ang))
+        u, v = (ca * dx + sa * dy) * e(aspect), (-sa * dx + ca * dy) / e(aspect)
+        inside = shape_mask(shape[sl], u, v)
+        pat = texture_pattern(labels[sl], u, v, freq[sl], noise[sl])
+        obj = col[sl] + (col2[sl] - col[sl]) * pat[:, None]
+        img = torch.where(inside[:, None], obj, img)
+        img = (img + 0.03 * pixel_noise[sl]).clamp(0, 1)
+        images.append((img * 255).round().to(torch.uint8))
+        masks.append(torch.where(inside, labels[sl, None, None] + 1, 0).to(torch.uint8))
+    return torch.cat(images), labels[:n], torch.cat(masks)
+
+
+# The published MD5s of the archives, and of CIFAR's pickled batches (as torchvision's dataset classes check
+# them): an archive is checked before it is unpacked, a pickle before it is unpickled (unpickling runs code).
+MD5 = {"https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz": "c58f30108f718f92721af3b95e74349a",
+       "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz": "eb9058c3a382ffc7106e4002c42a8d85",
+       "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz": "91f7769df0f17e558f3565bffb0c7dfb",
+       "https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz": "e793b78cc4c9e9a4ccc0c1155377a412",
+       "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+       "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+       "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+       "train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"}
+
+
+def check_md5(path, md5):
+    """Refuse (DataUnavailable) a file whose MD5 is not the published one: corrupt, truncated or replaced."""
+    import hashlib
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    if h.hexdigest() != md5:
+        raise DataUnavailable(f"{path} does not have the published MD5 ({h.hexdigest()} instead of {md5}): it is "
+                              "corrupt, truncated or not the original file, so it was not read. Delete it to download "
+                              "it again")
+
+
+def _fetch(url, root, md5=None):
+    """Download and extract an archive into root with torchvision's helper, which checks the archive's published
+    MD5 before unpacking; no network or a wrong checksum -> DataUnavailable."""
+    from torchvision.datasets.utils import download_and_extract_archive
+    try:
+        download_and_extract_archive(url, download_root=root, md5=md5 or MD5.get(url))
+    except Exception as e:  # URLError, HTTPError, socket errors, a broken archive: all mean "not here"
+        raise DataUnavailable(f"could not fetch {url} into {root} ({type(e).__name__}: {e})") from None
+
+
+def _read_cifar(root, name):
+    """CIFAR-10/100 in the 'python version' layout: pickled dicts with 'data' (N, 3072) and labels."""
+    d = os.path.join(root, "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    files = ({"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]} if name == "cifar10"
+             else {"train": ["train"], "test": ["test"]})
+    if not all(os.path.exists(os.path.join(d, f)) for fs in files.values() for f in fs):
+        url = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+               "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}[name]
+        _fetch(url, root)
+    out = {}
+    for split, fs in files.items():
+        xs, ys = [], []
+        for f in fs:
+            check_md5(os.path.join(d, f), MD5[f])  # before unpickling: a pickle can carry code
+            with open(os.path.join(d, f), "rb") as fh:
+                e = pickle.load(fh, encoding="latin1")
+            xs.append(torch.as_tensor(e["data"], dtype=torch.uint8).view(-1, 3, 32, 32))
+            ys.append(torch.as_tensor(e["labels" if name == "cifar10" else "fine_labels"]))
+        out[split] = (torch.cat(xs), torch.cat(ys))
+    return out
+
+
+def _read_stl10(root):
+    """STL-10 binary layout: uint8 (N, 3, 96, 96) stored column-major, labels 1..10 (0 = unlabeled)."""
+    d = os.path.join(root, "stl10_binary")
+    if not os.path.exists(os.path.join(d, "unlabeled_X.bin")):
+        _fetch("http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", root)
+
+    def x(f):
+        a = torch.frombuffer(bytearray(open(os.path.join(d, f), "rb").read()), dtype=torch.uint8)
+        return a.view(-1, 3, 96, 96).transpose(2, 3).contiguous()  # column-major -> (N, 3, H, W)
+
+    def y(f):
+        return torch.frombuffer(bytearray(open(os.path.join(d, f), "rb").read()), dtype=torch.uint8).long() - 1
+    return {"train": (x("train_X.bin"), y("train_y.bin")), "test": (x("test_X.bin"), y("test_y.bin")),
+            "unlabeled": (x("unlabeled_X.bin"), None)}
+
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _load_image(path, size):
+    """An image file -> uint8 (3, size, size): shorter side resized to size (bicubic), centre-cropped; None if
+    the file cannot be read."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            s = size / min(im.size)
+            im = im.resize((max(size, round(im.size[0] * s)), max(size, round(im.size[1] * s))), Image.BICUBIC)
+            left, top = (im.size[0] - size) // 2, (im.size[1] - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+    except Exception:
+        return None  # unreadable file: skipped and counted
+
+
+def _read_folder(root, size, workers):
+    """Class-subfolder images, resized (shorter side) and centre-cropped to size: {split: (x, y)}, classes.
+
+    Uses root/train and root/val when present, else holds out every 10th file of each class for testing."""
+    from concurrent.futures import ThreadPoolExecutor
+    exts = IMAGE_EXTS
+    if not os.path.isdir(root):
+        raise UsageError(f"--data-dir {root}: the image folder does not exist (for --dataset folder, point "
+                         "--data-dir at a folder of class subfolders)")
+    splits = {s: os.path.join(root, s) for s in ("train", "val")} if os.path.isdir(os.path.join(root, "train")) \
+        else {"train": root, "val": root}
+    classes = sorted(c for c in os.listdir(splits["train"]) if os.path.isdir(os.path.join(splits["train"], c)))
+    if not classes:
+        raise UsageError(f"--data-dir {splits['train']} has no class subfolders (--dataset folder expects "
+                         "DIR/class_name/image files, optionally under DIR/train and DIR/val)")
+
+    out, skipped = {}, 0
+    for split, d in splits.items():
+        items = []
+        for ci, c in enumerate(classes):
+            files = sorted(f for f in os.listdir(os.path.join(d, c)) if f.lower().endswith(exts)) \
+                if os.path.isdir(os.path.join(d, c)) else []
+            if d == root:  # no train/val folders: a fixed 90/10 split
+                files = [f for i, f in enumerate(files) if (i % 10 == 9) == (split == "val")]
+            items += [(os.path.join(d, c, f), ci) for f in files]
+        with ThreadPoolExecutor(max(1, workers)) as ex:
+            imgs = list(ex.map(lambda p: _load_image(p, size), [p for p, _ in items]))
+        keep = [i for i, im in enumerate(imgs) if im is not None]
+        skipped += len(items) - len(keep)
+        if not keep:
+            raise UsageError(f"--data-dir {d}: no readable images in its {split} part ({len(items)} image "
+                             "file(s) found, all unreadable)" if items else f"--data-dir {d}: its class "
+                             f"subfolders hold no image files ({', '.join(exts)}) for the {split} part")
+        out[split] = (torch.stack([imgs[i] for i in keep]), torch.tensor([items[i][1] for i in keep]))
+    if skipped:
+        print(f"warning: skipped {skipped} unreadable image file(s) in {root}")
+    return out, classes
+
+
+def load_data(args):
+    """(train_images, knn_train_images, knn_train_labels, test_images, test_labels, test_masks or None).
+
+    Images stay uint8 (N, 3, S, S) at their stored size; crops are resized on the fly."""
+    name, root = args.dataset, args.data_dir
+    if name == "scenes":
+        # with --gram-hires the scenes render at 2x, so the Gram teacher really sees more detail
+        size = args.image_size * (2 if args.gram_hires else 1)
+        x, y, _ = make_scenes("train", args.num_images or SCENES_SIZES["train"], size, args.seed)
+        xt, yt, mt = make_scenes("test", SCENES_SIZES["test"], size, args.seed)
+        return x, x, y, xt, yt, mt
+    if name == "textures":  # built in as well; with --gram-hires rendered at 2x like scenes
+        if (args.num_images or 0) > TEXTURES_SIZES["train"]:
+            raise UsageError(f"--num-images {args.num_images}: the textures dataset has "
+                             f"{TEXTURES_SIZES['train']} training images; give at most that many")
+        size = args.image_size * (2 if args.gram_hires else 1)
+        x, y, _ = make_textures("train", args.num_images, size, args.seed)
+        xt, yt, mt = make_textures("test", None, size, args.seed)
+        return x, x, y, xt, yt, mt
+    if name in ("cifar10", "cifar100"):
+        d = _read_cifar(root, name)
+        (x, y), (xt, yt) = d["train"], d["test"]
+        return x[:args.num_images], x, y, xt, yt, None
+    if name == "stl10":
+        d = _read_stl10(root)  # self-supervised training on unlabeled + train, k-NN on train -> test
+        x = torch.cat([d["unlabeled"][0], d["train"][0]])
+        return x[:args.num_images], d["train"][0], d["train"][1], d["test"][0], d["test"][1], None
+    if name == "imagenette":
+        folder = os.path.join(root, "imagenette2-160")
+        if not os.path.isdir(folder):
+            _fetch("https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz", root)
+        root = folder
+    d, _ = _read_folder(root, args.image_size * (2 if args.gram_hires else 1), args.workers)
+    (x, y), (xt, yt) = d["train"], d["val"]
+    return x[:args.num_images], x, y, xt, yt, None
 
 
 # -----------------------------------------------------------------------------------------------
-# 10. Command line
+# 12. Command line
 # -----------------------------------------------------------------------------------------------
+
+# Experiment presets (the two failures at small scale): named flag sets, filled in before the
+# other defaults; a flag given on the command line still wins. Measured results: docs/results.md.
+PRESETS = {
+    # storage: the default run (10k scenes, 3 epochs, about 10 CPU minutes) as a plain ViT without registers,
+    # its instruments logged every epoch; add `--registers 4` (or 1, 2) for the fix, `--seed` for spread.
+    # Artifacts are tokens the blocks have written several times their embedding's norm into; with the
+    # nano defaults (LayerScale 0.1) the blocks write about 2% of it in this budget, so here LayerScale is
+    # off, the lr 2.5x and layer decay off: the setting with the largest writes found (docs/results.md).
+    "artifacts": dict(registers=0, eval_every=1, layerscale=0.0, lr=1e-2, layer_decay=1.0),
+    # signal: the same free-writing setting with the default 4 registers (so storage is not the question),
+    # where the patches' similarity maps lose a little locality over training (docs/results.md).
+    # Add `--gram --gram-teacher-epoch 1 --gram-start 1` for the fix (Gram teacher = the epoch-1 EMA teacher),
+    # `--ibot-weight 0` for the global objective alone.
+    "collapse": dict(layerscale=0.0, lr=1e-2, layer_decay=1.0, eval_every=1),
+}
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but an error is one line and a pointer to --help instead of the whole usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: ...)" as it would be typed, only where the text does not give the default itself."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or isinstance(d, bool) or d is argparse.SUPPRESS or "Default" in action.help:
+            return action.help
+        return f"{action.help} (default: {' '.join(map(str, d)) if isinstance(d, (tuple, list)) else d})"
+
+
+def get_args_parser():
+    p = ArgumentParser(
+        "dinov3_mini", description="DINOv3 in one file: registers, RoPE, DINO + iBOT + KoLeo + Gram anchoring.",
+        usage="python dinov3_mini.py [options]", formatter_class=HelpFormatter)
+    group = {name: p.add_argument_group(name) for name in (
+        "model", "data", "augmentation", "recipe and losses", "Gram anchoring", "schedule and optimiser",
+        "run and output", "modes (instead of training)")}
+    a = group["recipe and losses"].add_argument
+    a("--preset", default=None, choices=list(PRESETS), help="A named flag set for the two failure modes. "
+      "artifacts: 0 registers, LayerScale off, lr 1e-2, no layer decay, instruments every epoch; collapse: the "
+      "same with 4 registers (add --gram ...). Flags given explicitly override it. See docs/results.md.")
+    # data
+    a = group["data"].add_argument
+    a("--dataset", default="scenes", choices=DATASETS, help="`scenes` and `textures` are built in and need no "
+      "download (textures: one large object whose surface texture is its class, made for learning at small "
+      "scale, see docs/data.md; scenes: a small shape among distractors); the others download into --data-dir "
+      "on first use (`folder`: any folder of class subfolders).")
+    a("--data-dir", default="./data", help="Where datasets live or are downloaded to; point it at an existing "
+      "copy to skip the download (for `folder`: the folder itself, optionally with train/ and val/).")
+    a("--image-size", type=int, default=None, help="Global crop size in pixels (reference 224). Default: the "
+      "dataset's native size (scenes and textures 32, CIFAR 32, STL-10 96, Imagenette 64). Must be divisible "
+      "by --patch-size.")
+    a = group["augmentation"].add_argument
+    a("--local-size", type=int, default=None, help="Local crop size (reference 96 for 224 globals). Default: "
+      "half of --image-size, rounded to the patch size. Must be smaller than --image-size.")
+    a("--local-crops", type=int, default=6, help="Number of local crops (reference 8). Each adds a short student "
+      "forward; 0 trains on global crops only, which learns much slower.")
+    a("--global-scale", type=float, nargs=2, default=(0.32, 1.0), help="Area range of global crops (reference "
+      "0.32 1.0). A lower minimum makes the task harder and the invariance stronger.")
+    a("--local-scale", type=float, nargs=2, default=(0.05, 0.32), help="Area range of local crops (reference "
+      "0.05 0.32). Above ~0.4 local and global views overlap so much that the task becomes trivial.")
+    a = group["data"].add_argument
+    a("--num-images", type=int, default=None, help="Cap the training set for quick runs (scenes and textures "
+      "have 10000).")
+    a("--workers", type=int, default=4, help="Threads used to decode image files for `folder`/`imagenette`.")
+    # model
+    a = group["model"].add_argument
+    a("--model", default="nano", choices=list(MODELS), help="Preset: nano (64-d, 6 layers, 2 heads; CPU), "
+      "tiny (192-d, 12 layers, 3 heads), small (384-d, 12, 6), base (768-d, 12, 12).")
+    a("--dim", type=int, default=None, help="Override the preset's width.")
+    a("--depth", type=int, default=None, help="Override the preset's number of blocks.")
+    a("--heads", type=int, default=None, help="Override the preset's number of attention heads.")
+    a("--patch-size", type=int, default=4, help="Patch size (reference 16 at 224 px; 4 on 32 px images keeps an "
+      "8x8 grid). Smaller patches cost quadratically more attention.")
+    a("--registers", type=int, default=4, help="Register tokens (DINOv3: 4). 0 reproduces the plain ViT that "
+      "grows high-norm artifact tokens; one register already removes them in the registers paper.")
+    a("--layerscale", type=float, default=None, help="LayerScale init (reference 1e-5); 0 disables LayerScale. "
+      "Default: 1e-5, but 0.1 for nano (CaiT's value for depth <= 18): at 1e-5 a shallow net's CLS outputs start "
+      "almost identical across images (mean cosine 0.91), so the first Sinkhorn targets are uniform. LayerScale is "
+      "reported as needed for high-norm outliers to appear at small scale.")
+    a("--drop-path", type=float, default=None, help="Stochastic depth on the student (reference 0.1-0.4 by "
+      "size). Default 0 for nano, 0.1 otherwise.")
+    a("--rope-rescale", type=float, default=2.0, help="Train-time RoPE box jitter: coordinates rescaled by a "
+      "log-uniform factor in [1/x, x] (DINOv3: 2). 1 disables it.")
+    a("--rope-shift", type=float, default=0.0, help="Train-time RoPE coordinate shift, uniform in [-x, x] "
+      "(DINOv3 code supports it, off in the released config).")
+    a("--rope-jitter", type=float, default=1.0, help="Train-time per-axis RoPE scale jitter, log-uniform in "
+      "[1/x, x] (off = 1, as in the released config).")
+    # heads and losses
+    a = group["recipe and losses"].add_argument
+    a("--prototypes", type=int, default=None, help="K, the number of prototypes of both heads (reference "
+      "65536 on ImageNet; here 4096, nano 1024). Small data converges faster with 1k-8k; too few caps what the "
+      "features can separate.")
+    a("--head-hidden", type=int, default=None, help="Hidden width of the DINO/iBOT heads (reference 2048; "
+      "nano uses 256 to stay fast on a CPU).")
+    a("--head-bottleneck", type=int, default=256, help="Bottleneck width before the prototypes (reference 256).")
+    a("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True, help="L2-normalise the "
+      "prototypes, so logits are cosines (DINO/DINOv2). DINOv3's code uses a plain linear layer "
+      "(--no-norm-last-layer); the default here, because with small heads and short runs the normalised "
+      "layer gives the teacher less flat targets at the start.")
+    a("--student-temp", type=float, default=0.1, help="Student softmax temperature (reference 0.1).")
+    a("--teacher-temp", type=float, default=0.07, help="Final teacher temperature (reference 0.07). Above "
+      "~0.07 training becomes unstable; lower it (0.04) if the teacher entropy stays high.")
+    a("--warmup-teacher-temp", type=float, default=0.04, help="Initial teacher temperature (reference 0.04).")
+    a("--teacher-temp-warmup-epochs", type=int, default=None, help="Linear warmup of the teacher temperature "
+      "(reference 30 of 100 epochs). Default: 30%% of --epochs.")
+    a("--ibot-weight", type=float, default=1.0, help="Weight of the iBOT masked-patch loss (reference 1.0). "
+      "0 leaves only the global objective, which degrades dense features faster.")
+    a("--koleo-weight", type=float, default=0.1, help="Weight of the KoLeo spreading loss on the student CLS "
+      "(reference 0.1). Much higher fights the DINO loss and slows convergence.")
+    a("--mask-ratio", type=float, nargs=2, default=(0.1, 0.5), help="iBOT mask ratios, spread over the masked "
+      "crops (reference 0.1 0.5).")
+    a("--mask-prob", type=float, default=0.5, help="Fraction of global crops that are masked (reference 0.5).")
+    # Gram anchoring
+    a = group["Gram anchoring"].add_argument
+    a("--gram", action="store_true", help="Turn on Gram anchoring (DINOv3 Sec. 4): match the patch-similarity "
+      "structure of a frozen earlier teacher.")
+    a("--gram-weight", type=float, default=2.0, help="Gram loss weight (reference 2.0), ramped in by a cosine.")
+    a("--gram-start", type=int, default=None, help="Epoch at which the Gram loss starts (DINOv3: after 1M "
+      "iterations, when dense features have degraded). Default: --gram-teacher-epoch.")
+    a("--gram-teacher-epoch", type=int, default=None, help="Epoch whose EMA teacher becomes the Gram teacher "
+      "(DINOv3: an early one, 100k-200k iterations; a late one is worse). Default: 25%% of --epochs.")
+    a("--gram-teacher", default=None, help="Path of a checkpoint whose teacher backbone is the Gram teacher "
+      "(instead of a snapshot taken during this run).")
+    a("--gram-refresh-every", type=int, default=0, help="Refresh the Gram teacher from the EMA teacher every k "
+      "epochs after --gram-start (reference: every 10k iterations); 0 never.")
+    a("--gram-refresh-max", type=int, default=3, help="At most this many refreshes, then frozen (reference 3).")
+    a("--gram-ramp-epochs", type=float, default=1.0, help="Cosine ramp-in of the Gram weight (and ramp-down of "
+      "the local DINO weight), in epochs (reference: 1k iterations).")
+    a("--gram-local-weight", type=float, default=0.5, help="Weight of the local-crop DINO loss in the Gram phase, "
+      "reached on the same cosine as the Gram weight (reference 0.5, `reweight_dino_local_loss`); 1 turns it off.")
+    a("--gram-momentum", type=float, default=0.999, help="EMA teacher momentum in the Gram phase (reference "
+      "0.999 constant); 0 keeps the ordinary cosine schedule.")
+    a("--untie-local-norm", action=argparse.BooleanOptionalAction, default=None, help="Give local crops' CLS "
+      "and registers their own final LayerNorm in training (DINOv3's untie_global_and_local_cls_norm). "
+      "Default: on with --gram, off otherwise.")
+    a("--gram-hires", action="store_true", help="Give the Gram teacher the same crop at 2x resolution without "
+      "colour distortion, and bicubic-downsample its patch features to the student's grid (DINOv3 Sec. 4.3).")
+    # optimisation
+    a = group["schedule and optimiser"].add_argument
+    a("--epochs", type=int, default=3, help="Training epochs (reference 100 on ImageNet-scale data). The two "
+      "failure modes need long runs; the default is sized for a 10-minute CPU demo.")
+    a("--batch-size", type=int, default=64, help="Global batch size (reference 1024+); the lr scales with "
+      "sqrt(batch/1024). Sinkhorn-Knopp needs batch >> 1 to spread mass over prototypes.")
+    a("--lr", type=float, default=4e-3, help="Base lr for a batch of 1024, scaled by sqrt(batch/1024) (DINOv2 "
+      "reference 4e-3). Too high and the DINO loss sticks at ln K (collapse).")
+    a("--min-lr", type=float, default=1e-6, help="Final lr of the cosine decay (reference 1e-6).")
+    a("--warmup-epochs", type=int, default=None, help="Linear lr warmup (reference 10 of 100 epochs). "
+      "Default: 10%% of --epochs, at least 1.")
+    a("--weight-decay", type=float, nargs=2, default=(0.04, 0.4), help="Weight decay, cosine from first to "
+      "second value (reference 0.04 0.4).")
+    a("--layer-decay", type=float, default=0.9, help="Layer-wise lr decay (reference 0.9; patch embedding gets "
+      "a further x0.2). 1 turns it off.")
+    a("--momentum", type=float, nargs=2, default=(0.992, 1.0), help="EMA teacher momentum, cosine from first "
+      "to second value (reference 0.992 1.0). Too low and the teacher chases the student into collapse.")
+    a("--clip-grad", type=float, default=3.0, help="Gradient norm clipping (reference 3.0); 0 disables.")
+    a("--freeze-last-layer-epochs", type=int, default=1, help="Epochs during which the prototypes are frozen "
+      "(reference 1), a stabiliser from DINO.")
+    # run
+    a = group["run and output"].add_argument
+    a("--eval-every", type=int, default=4, help="Run k-NN every this many epochs (and always at the end).")
+    a("--knn-k", type=int, default=20, help="k of the weighted k-NN (reference 20).")
+    a("--knn-temp", type=float, default=0.07, help="Temperature of the k-NN vote weights (reference 0.07).")
+    a("--out-dir", default="out", help="Where checkpoint.pt, log.jsonl and summary.json go.")
+    a("--resume", action="store_true", help="Continue the run in --out-dir exactly where it stopped.")
+    a("--overwrite", action="store_true", help="Allow starting a fresh run in an --out-dir that holds one.")
+    a("--device", default="auto", help="auto picks cuda, then mps, then cpu; or name one.")
+    a("--compile", action="store_true", help="torch.compile the student and teacher (GPU; slow to start).")
+    a("--seed", type=int, default=0, help="Seed of everything: data order, augmentation, init.")
+    a("--log-every", type=int, default=10, help="Log one line to log.jsonl every this many steps.")
+    a("--no-progress", action="store_true", help="No tqdm bar (for logs and CI).")
+    a("--analyze-images", type=int, default=1000, help="Test images the instruments read, at each evaluation "
+      "and in --analyze (half train the dense probe, half score it).")
+    # analysis commands (no training)
+    a = group["modes (instead of training)"].add_argument
+    a("--analyze", metavar="RUN_DIR_OR_CHECKPOINT", default=None, help="Instead of training: measure a trained "
+      "teacher (token norms and outliers, attention, PCA/similarity maps, dense probe) and write analysis/*.png "
+      "and analysis/metrics.json next to its checkpoint. Or a released backbone, on photographs: dinov2_vit{s,b,l}14 "
+      "and their _reg versions (downloaded once), dinov3_vit{s,b,l}16 with --weights, or a weights file.")
+    a("--weights", metavar="PATH", default=None, help="With --analyze NAME: the released weights from a local file "
+      "(downloaded elsewhere, or DINOv3's after its licence form) instead of the download.")
+    a("--images", metavar="DIR", default=None, help="With --analyze of a released model: your own photos (every "
+      "image file under DIR, up to --analyze-images) instead of matplotlib's sample photo of Grace Hopper.")
+    a("--plot-log", metavar="RUN_DIR", default=None, help="Instead of training: plot RUN_DIR/log.jsonl (k-NN, "
+      "dense mIoU, outlier fraction, collapse signatures vs epoch) into RUN_DIR/analysis/log.png.")
+    return p
+
+
+def parse_args(parser, argv=None):
+    """argv -> resolved args. A --preset's flag set becomes the defaults first, so explicit flags still win."""
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    return resolve_args(args, parser)
+
+
+def resolve_args(args, parser):
+    """Fill the defaults that depend on other options, and refuse bad input with an argparse error (exit 2)."""
+    preset = MODELS[args.model]
+    for k in ("dim", "depth", "heads", "head_hidden", "prototypes"):
+        if getattr(args, k) is None:
+            setattr(args, k, preset[k])
+    native = {"scenes": 32, "textures": 32, "cifar10": 32, "cifar100": 32, "stl10": 96, "imagenette": 64, "folder": 64}
+    if args.analyze and args.image_size is None:  # a released model's photos (a run of this file uses its own size)
+        args.image_size = 448  # a 32 x 32 grid at patch 14, 28 x 28 at patch 16
+    args.image_size = args.image_size or native[args.dataset]
+    if args.local_size is None:
+        args.local_size = max(args.patch_size, (args.image_size // 2) // args.patch_size * args.patch_size)
+    if args.layerscale is None:
+        args.layerscale = 0.1 if args.model == "nano" else 1e-5
+    if args.drop_path is None:
+        args.drop_path = 0.0 if args.model == "nano" else 0.1
+    args.warmup_epochs = max(1, round(0.1 * args.epochs)) if args.warmup_epochs is None else args.warmup_epochs
+    if args.teacher_temp_warmup_epochs is None:
+        args.teacher_temp_warmup_epochs = max(1, round(0.3 * args.epochs))
+    if args.gram_teacher_epoch is None:
+        args.gram_teacher_epoch = max(1, args.epochs // 4)
+    if args.gram_start is None:
+        args.gram_start = args.gram_teacher_epoch
+    if args.untie_local_norm is None:
+        args.untie_local_norm = args.gram
+    errors = []
+    if args.patch_size <= 0 or args.image_size % args.patch_size or args.local_size % args.patch_size:
+        errors.append(f"--image-size {args.image_size} and --local-size {args.local_size} must both be positive "
+                      f"multiples of --patch-size {args.patch_size} (the ViT cuts images into whole patches)")
+    if args.local_size >= args.image_size:
+        errors.append(f"--local-size {args.local_size} must be smaller than --image-size {args.image_size} "
+                      "(local crops are the small views of multi-crop)")
+    if args.registers < 0:
+        errors.append(f"--registers must be 0 or more, got {args.registers}")
+    if args.local_crops < 0:
+        errors.append(f"--local-crops must be 0 or more, got {args.local_crops}")
+    if args.dim % args.heads or (args.dim // args.heads) % 4:
+        errors.append(f"--dim {args.dim} must divide into --heads {args.heads} heads whose width is a multiple "
+                      "of 4 (axial RoPE splits each head into 4 parts)")
+    for name in ("global_scale", "local_scale", "mask_ratio"):
+        lo, hi = getattr(args, name)
+        if not 0 <= lo <= hi <= 1:
+            errors.append(f"--{name.replace('_', '-')} must be two numbers with 0 <= low <= high <= 1, got {lo} {hi}")
+    if not 0 <= args.mask_prob <= 1:
+        errors.append(f"--mask-prob must be a probability in [0, 1], got {args.mask_prob}")
+    for name in ("epochs", "batch_size", "prototypes", "eval_every", "log_every"):
+        if getattr(args, name) <= 0:
+            errors.append(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.gram_local_weight < 0 or not 0 <= args.gram_momentum < 1:
+        errors.append(f"--gram-local-weight must be 0 or more and --gram-momentum in [0, 1), got "
+                      f"{args.gram_local_weight} and {args.gram_momentum}")
+    if (args.weights or args.images) and not args.analyze:
+        errors.append("--weights and --images go with --analyze NAME (a released model, e.g. dinov2_vitl14)")
+    if args.num_images is not None and args.num_images <= 0:
+        errors.append(f"--num-images must be positive, got {args.num_images}")
+    if args.gram and args.gram_teacher is None and args.gram_teacher_epoch >= args.epochs:
+        errors.append(f"--gram-teacher-epoch {args.gram_teacher_epoch} must come before the end of training "
+                      f"(--epochs {args.epochs})")
+    if errors:
+        parser.error("; ".join(errors) + ".")
+    return args
+
 
 def finished_run(out_dir, args):
     """The summary of the finished run in out_dir if its checkpoint is that run's last step and --epochs asks

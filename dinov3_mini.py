@@ -678,7 +678,7 @@ def make_schedules(args, steps_per_epoch):
     return {"lr": cosine_schedule(lr, args.min_lr, total, args.warmup_epochs * steps_per_epoch),
             "wd": cosine_schedule(args.weight_decay[0], args.weight_decay[1], total),
             "momentum": cosine_schedule(args.momentum[0], args.momentum[1], total),
-            "teacher_temp": temp[:total]}
+            "teacher_temp": temp[:total], "steps_per_epoch": steps_per_epoch}
 
 
 def gram_ramp(it, sched, args):
@@ -870,8 +870,9 @@ def mask_kwargs(args):
 
 
 class Stop:
-    """Remembers a SIGINT/SIGTERM (pending) so the loop can finish its step, save, and exit cleanly; with
-    several processes they first agree (signal) at the next logging interval, then all stop together."""
+    """SIGINT/SIGTERM while training: remembered (pending) so the loop can finish its step, save and exit
+    cleanly. One process acts on it at once; several first agree (signal) at the next logging gate, then
+    stop together. `with Stop() as stop:` installs the handler and restores the previous one."""
 
     def __init__(self):
         self.pending = self.signal = None
@@ -879,133 +880,275 @@ class Stop:
     def __call__(self, signum, frame):
         self.pending = signum
 
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+    def agree(self, first_bad, world, device):
+        """At a logging gate: every process learns of a signal to any of them and of the first non-finite
+        loss anywhere (a max all-reduce); returns that step (-1: none)."""
+        if world > 1:
+            flags = torch.tensor([first_bad.item() + 1, self.pending or 0], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            first_bad, self.signal = flags[0] - 1, int(flags[1]) or None
+        return first_bad
+
+    def exit_if_signalled(self, ck_path, step):
+        if self.signal is not None:
+            print0(f"\n{signal.Signals(self.signal).name}: saved {ck_path} at step {step}; continue with the same "
+                   "command and --resume.")
+            raise SystemExit(128 + self.signal)
+
+
+def raise_if_not_finite(first_bad, acc, steps_per_epoch, ck_path):
+    """Stop on the first non-finite loss (tracked on the device, read here at the logging gates only), before
+    a checkpoint could save the broken state."""
+    if first_bad.item() >= 0:
+        bad = [k for k, v in acc.items() if not torch.isfinite(v)]
+        raise FloatingPointError(
+            f"the loss became non-finite at step {first_bad.item()} (epoch {first_bad.item() // steps_per_epoch}) "
+            f"in part(s) {', '.join(bad) or 'total'}; training stopped and the last good checkpoint in {ck_path} "
+            "is intact. Lower --lr, raise --warmup-epochs or --clip-grad, or check the data.")
+
+
+def setup_distributed(args):
+    """The device and the processes, decided once: (device, rank, world). Several processes (torchrun sets
+    WORLD_SIZE > 1) each take one GPU (nccl) or share the CPU (gloo)."""
+    device = pick_device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, 0, 1
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    return device, rank, world
+
+
+def build_model(args, student=True):
+    """Backbone + DINO and iBOT heads as args describe them (the teacher has no drop path)."""
+    return DINOModel(build_backbone(args, student), args.prototypes, args.head_hidden, args.head_bottleneck,
+                     args.norm_last_layer)
+
+
+def wrap_models(student, teacher, args, device, world):
+    """(student as the step calls it: DDP-wrapped with several processes, compiled with --compile; teacher)."""
+    model = student
+    if world > 1:  # parameters without a gradient in some runs: the iBOT head at weight 0, an unused local norm
+        unused = args.ibot_weight == 0 or (args.untie_local_norm and args.local_crops == 0)
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+                                                    else None, find_unused_parameters=unused)
+    if args.compile:
+        return torch.compile(model), torch.compile(teacher)
+    return model, teacher
+
+
+def restore_checkpoint(ck_path, args, student, teacher, opt, gen):
+    """--resume: every state the run continues from, bit for bit (weights, optimiser, Gram teacher, both random
+    generators); returns (step, baselines, gram_teacher, gram_refreshes)."""
+    ck = load_checkpoint(ck_path, args)
+    student.load_state_dict(ck["student"])
+    teacher.load_state_dict(ck["teacher"])
+    opt.load_state_dict(ck["optimizer"])
+    gram_teacher = None
+    if ck.get("gram_teacher") is not None:
+        gram_teacher = make_gram_teacher(teacher.backbone)
+        gram_teacher.load_state_dict(ck["gram_teacher"])
+    gen.set_state(ck["gen_state"])
+    torch.set_rng_state(ck["rng_state"])
+    return ck["step"], ck["baselines"], gram_teacher, ck.get("gram_refreshes", 0)
+
+
+def load_gram_teacher(path, teacher_backbone):
+    """--gram-teacher PATH: the teacher backbone of another run's checkpoint as the Gram teacher."""
+    gram_teacher = make_gram_teacher(teacher_backbone)
+    try:  # the local-crop norm (--untie-local-norm) is never used by a Gram teacher, so it may be absent
+        missing, unexpected = gram_teacher.load_state_dict(load_checkpoint(path)["teacher_backbone"], strict=False)
+    except RuntimeError:
+        missing, unexpected = ["shape"], []
+    if unexpected or any(not k.startswith("local_norm.") for k in missing):
+        raise CheckpointError(f"--gram-teacher {path} holds a backbone of another shape")
+    return gram_teacher
+
+
+def gram_snapshot_due(epoch, args, gram_refreshes):
+    """At the start of an epoch: does the EMA teacher become the Gram teacher now? At --gram-teacher-epoch,
+    then every --gram-refresh-every epochs after --gram-start, at most --gram-refresh-max times."""
+    if not args.gram or args.gram_teacher is not None:
+        return False
+    return epoch == args.gram_teacher_epoch or bool(
+        args.gram_refresh_every and epoch > args.gram_start and gram_refreshes < args.gram_refresh_max
+        and (epoch - args.gram_start) % args.gram_refresh_every == 0)
+
+
+class TrainLog:
+    """log.jsonl (rank 0 writes it), the progress bar, the running sums of the loss parts between log lines,
+    and the step records since the last evaluation (for the collapse alarm). Creating it creates --out-dir:
+    a failed or interrupted setup leaves nothing behind."""
+
+    def __init__(self, args, master, total_steps, start_step):
+        self.master = master
+        if master:
+            os.makedirs(args.out_dir, exist_ok=True)
+        self.file = open(os.path.join(args.out_dir, "log.jsonl"), "a" if args.resume else "w") if master else None
+        self.bar = None
+        if master and not args.no_progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
+        self.acc, self.n, self.t, self.since_eval, self.streak = {}, 0, time.time(), [], 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        if self.file is not None:
+            self.file.close()
+
+    def write(self, rec, flush=True):
+        if self.master:
+            self.file.write(json.dumps(rec) + "\n")
+            if flush:
+                self.file.flush()
+
+    def add(self, values):
+        for k, v in values.items():
+            self.acc[k] = self.acc.get(k, 0.0) + v.detach().float()
+        self.n += 1
+
+    def step_record(self, step, sched, args, world):
+        """One log line: each loss part's mean over the steps since the last line and over the processes, the
+        schedules' values at the last step, and the throughput."""
+        now, keys = time.time(), sorted(self.acc)
+        vals = _all_reduce(torch.stack([self.acc[k] for k in keys])) / (world * self.n)  # mean over processes
+        it = step - 1
+        rec = {"type": "step", "step": step, "epoch": step / sched["steps_per_epoch"],
+               **{k: round(v, 5) for k, v in zip(keys, vals.tolist())},
+               "lr": sched["lr"][it], "wd": sched["wd"][it], "momentum": teacher_momentum(it, sched, args),
+               "teacher_temp": sched["teacher_temp"][it], "gram_weight": gram_weight(it, sched, args),
+               "dino_local_weight": 1.0 - (1.0 - args.gram_local_weight) * gram_ramp(it, sched, args),
+               "img_per_s": round(self.n * args.batch_size / (now - self.t), 1)}
+        rec["dino_over_lnK"] = round(rec["dino"] / math.log(args.prototypes), 4)
+        self.acc, self.n, self.t = {}, 0, now
+        self.since_eval.append(rec)
+        self.write(rec)
+        if self.bar is not None:
+            self.bar.set_postfix({k.replace("_over_lnK", "/lnK"): rec[k] for k in ("loss", "dino_over_lnK", "ibot",
+                                  "koleo", "gram", "lr", "img_per_s") if k in rec}, refresh=False)
+
+
+def knn_baselines(backbone, eval_data, args, device):
+    """What k-NN gets without self-supervised learning: raw pixels and the ViT at initialisation."""
+    x_knn, y_knn, x_test, y_test, _ = eval_data
+    baselines = {"knn_acc_raw_pixels": knn_raw_pixels(x_knn, y_knn, x_test, y_test, args),
+                 **knn_random_init(backbone, x_knn, y_knn, x_test, y_test, args, device)}
+    print0("baselines: " + ", ".join(f"{k} {v:.3f}" for k, v in baselines.items()))
+    return baselines
+
+
+def evaluate(step, epoch, backbone, eval_data, args, device, log):
+    """The evaluation hook of the training loop: k-NN accuracy, the instruments' key figures, and the collapse
+    alarm (after two evaluations in a row look collapsed), into log.jsonl; returns the k-NN accuracy."""
+    x_knn, y_knn, x_test, y_test, test_masks = eval_data
+    knn_acc = evaluate_knn(backbone, x_knn, y_knn, x_test, y_test, args, device)["cls"]
+    inst = eval_instruments(backbone, x_test, y_test, test_masks, args, device)
+    log.write({"type": "eval", "step": step, "epoch": epoch, "knn_acc": knn_acc, **inst})
+    print0(f"\nepoch {epoch}: k-NN accuracy {knn_acc:.4f}, " +
+           ", ".join(f"{k} {v:.4f}" for k, v in inst.items() if v is not None))
+    alarm = collapse_alarm(log.since_eval, args)
+    log.streak = log.streak + 1 if alarm else 0
+    if alarm and log.streak >= 2 and log.master:
+        print0(f"warning: {alarm}")
+        log.write({"type": "alarm", "step": step, "message": alarm}, flush=False)
+    log.since_eval = []
+    return knn_acc
+
+
+def write_summary(summary, baselines, ck_path, out_dir):
+    """summary.json, and the result said aloud: the trained k-NN accuracy against both baselines."""
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    knn_acc, best = summary["knn_acc"], max(baselines["knn_acc_raw_pixels"], baselines["knn_acc_random_init"])
+    print0(f"\nk-NN accuracy: trained {knn_acc:.4f} | random-init ViT {baselines['knn_acc_random_init']:.4f} | "
+           f"raw pixels {baselines['knn_acc_raw_pixels']:.4f} | gain over the better baseline "
+           f"{100 * (knn_acc - best):+.1f} points")
+    print0(f"{summary['images_per_s']} images/s on {summary['device']}, {summary['wall_s']} s in all. Files: "
+           f"{ck_path}, {os.path.join(out_dir, 'log.jsonl')}, {os.path.join(out_dir, 'summary.json')}")
+
 
 def train(args, t_start=None):
     """Train; returns the summary dict (also written to --out-dir/summary.json). wall_s counts from t_start
     (main passes its own start, so the setup is included), else from the start of the loop."""
-    # ---- device, distributed, seeds: handled once, here
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = pick_device(args.device)
-    if ddp:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if args.batch_size % world:
-            raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    else:
-        rank, world = 0, 1
+    device, rank, world = setup_distributed(args)
     master = rank == 0
-    print0(f"device: {device}" + (f" x {world} processes" if ddp else ""))
+    print0(f"device: {device}" + (f" x {world} processes" if world > 1 else ""))
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()  # bf16: GPU only
     ck_path = os.path.join(args.out_dir, "checkpoint.pt")
-    log_path = os.path.join(args.out_dir, "log.jsonl")
 
     # ---- data: uint8 tensors in memory (on the GPU if there is one); crops are made on the fly
-    x_train, x_knn, y_knn, x_test, y_test, test_masks = load_data(args)
+    x_train, *eval_data = load_data(args)  # eval_data: k-NN bank images and labels, test images, labels, masks
     if args.batch_size > len(x_train):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(x_train)} training images; "
                          "lower it or raise --num-images")
     x_train = x_train.to(device)
     steps_per_epoch = len(x_train) // args.batch_size  # drop the last partial batch
     sched = make_schedules(args, steps_per_epoch)
-    sched["steps_per_epoch"] = steps_per_epoch
-    total_steps = args.epochs * steps_per_epoch
-    grid = args.image_size // args.patch_size
+    total_steps, grid = args.epochs * steps_per_epoch, args.image_size // args.patch_size
 
     # ---- models: student, EMA teacher (same init), optional Gram teacher
     torch.manual_seed(args.seed)
-    student = DINOModel(build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck,
-                        args.norm_last_layer).to(device)
-    teacher = DINOModel(build_backbone(args, student=False), args.prototypes, args.head_hidden,
-                        args.head_bottleneck, args.norm_last_layer).to(device)
+    student, teacher = build_model(args).to(device), build_model(args, student=False).to(device)
     teacher.load_state_dict(student.state_dict())
     teacher.eval().requires_grad_(False)
-    gram_teacher, gram_refreshes = None, 0
     opt = torch.optim.AdamW(param_groups(student, args.depth, args.layer_decay), betas=(0.9, 0.999),
                             fused=device.type in ("cuda", "cpu"))  # one multi-tensor kernel per step
     last_layer = [p for g in opt.param_groups if g["last_layer"] for p in g["params"]]
     gen = torch.Generator().manual_seed(args.seed)  # augmentation and masks: every rank draws the same
     # global batch of crops, then takes its shard, so N processes compute what one process would
-    start_step, baselines = 0, None
-
+    start_step, baselines, gram_teacher, gram_refreshes = 0, None, None, 0
     if args.resume:
-        ck = load_checkpoint(ck_path, args)
-        student.load_state_dict(ck["student"])
-        teacher.load_state_dict(ck["teacher"])
-        opt.load_state_dict(ck["optimizer"])
-        if ck.get("gram_teacher") is not None:
-            gram_teacher = make_gram_teacher(teacher.backbone)
-            gram_teacher.load_state_dict(ck["gram_teacher"])
-        gram_refreshes = ck.get("gram_refreshes", 0)
-        start_step, baselines = ck["step"], ck["baselines"]
-        gen.set_state(ck["gen_state"])
-        torch.set_rng_state(ck["rng_state"])
+        start_step, baselines, gram_teacher, gram_refreshes = restore_checkpoint(ck_path, args, student, teacher,
+                                                                                 opt, gen)
         print0(f"resumed from {ck_path} at step {start_step} (epoch {start_step // steps_per_epoch})")
     if args.gram and args.gram_teacher and gram_teacher is None:
-        gram_teacher = make_gram_teacher(teacher.backbone)
-        try:  # the local-crop norm (--untie-local-norm) is never used by a Gram teacher, so it may be absent
-            missing, unexpected = gram_teacher.load_state_dict(load_checkpoint(args.gram_teacher)["teacher_backbone"],
-                                                               strict=False)
-        except RuntimeError:
-            missing, unexpected = ["shape"], []
-        if unexpected or any(not k.startswith("local_norm.") for k in missing):
-            raise CheckpointError(f"--gram-teacher {args.gram_teacher} holds a backbone of another shape")
-    if baselines is None:  # what k-NN gets without self-supervised learning
-        baselines = {"knn_acc_raw_pixels": knn_raw_pixels(x_knn, y_knn, x_test, y_test, args),
-                     **knn_random_init(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)}
-        print0("baselines: " + ", ".join(f"{k} {v:.3f}" for k, v in baselines.items()))
+        gram_teacher = load_gram_teacher(args.gram_teacher, teacher.backbone)
+    if baselines is None:
+        baselines = knn_baselines(teacher.backbone, eval_data, args, device)
+    model, teacher_fwd = wrap_models(student, teacher, args, device, world)
 
-    model = student
-    if ddp:  # parameters without a gradient in some runs: the iBOT head at weight 0, an unused local norm
-        unused = args.ibot_weight == 0 or (args.untie_local_norm and args.local_crops == 0)
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
-                                                    else None, find_unused_parameters=unused)
-    if args.compile:
-        model, teacher_fwd = torch.compile(model), torch.compile(teacher)
-    else:
-        teacher_fwd = teacher
-
-    def checkpoint_state(step):
+    def checkpoint_state(step):  # one plain dict: everything --resume needs
         return {"student": student.state_dict(), "teacher": teacher.state_dict(),
                 "teacher_backbone": teacher.backbone.state_dict(), "optimizer": opt.state_dict(),
                 "gram_teacher": gram_teacher.state_dict() if gram_teacher is not None else None,
                 "gram_refreshes": gram_refreshes, "step": step, "args": vars(args), "baselines": baselines,
                 "gen_state": gen.get_state(), "rng_state": torch.get_rng_state()}
 
-    stop = Stop()
-    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    if master:  # the out-dir is written from here on, not before: a failed or interrupted setup leaves nothing
-        os.makedirs(args.out_dir, exist_ok=True)
-    log = open(log_path, "a" if args.resume else "w") if master else None
-    bar = None
-    if master and not args.no_progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True)
-    acc, acc_n, t_log, t0, knn_acc = {}, 0, time.time(), time.time(), None
-    train_time, step, since_eval, streak = 0.0, start_step, [], 0
-    first_bad = torch.tensor(-1, device=device)
-    try:
+    t0, knn_acc, train_time, step = time.time(), None, 0.0, start_step
+    first_bad = torch.tensor(-1, device=device)  # the first step whose loss is not finite, kept on the device
+    with Stop() as stop, TrainLog(args, master, total_steps, start_step) as log:
         while step < total_steps:
             epoch, i = divmod(step, steps_per_epoch)
             if i == 0 or step == start_step:
                 perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(args.seed * 7919 + epoch))
-            if i == 0 and args.gram and args.gram_teacher is None:  # the Gram teacher: snapshot, then refreshes
-                due = epoch == args.gram_teacher_epoch or (
-                    args.gram_refresh_every and epoch > args.gram_start and gram_refreshes < args.gram_refresh_max
-                    and (epoch - args.gram_start) % args.gram_refresh_every == 0)
-                if due:
-                    gram_refreshes += gram_teacher is not None
-                    gram_teacher = make_gram_teacher(teacher.backbone)
-                    print0(f"epoch {epoch}: Gram teacher = EMA teacher snapshot (refreshes so far: {gram_refreshes})")
+            if i == 0 and gram_snapshot_due(epoch, args, gram_refreshes):  # the Gram teacher, then its refreshes
+                gram_refreshes += gram_teacher is not None
+                gram_teacher = make_gram_teacher(teacher.backbone)
+                print0(f"epoch {epoch}: Gram teacher = EMA teacher snapshot (refreshes so far: {gram_refreshes})")
 
             # ---- the training step
             t_step = time.time()
             images = x_train[perm[i * args.batch_size:(i + 1) * args.batch_size].to(device)]  # (B, 3, S, S) uint8
             crops = multicrop(images, gen, **crop_kwargs(args))
-            masks = ibot_masks(2 * args.batch_size, grid, gen, **mask_kwargs(args)).to(device) if args.ibot_weight > 0 else None
-            images = shard(images, 1, rank, world)
+            masks = (ibot_masks(2 * args.batch_size, grid, gen, **mask_kwargs(args)).to(device)
+                     if args.ibot_weight > 0 else None)  # (2B, N) bool
+            images = shard(images, 1, rank, world)  # this process's share of the global batch
             crops = {k: shard(v, 2 if k in ("globals", "boxes", "flips") else args.local_crops, rank, world)
                      for k, v in crops.items()}
             masks = shard(masks, 2, rank, world) if masks is not None else None
@@ -1015,7 +1158,6 @@ def train(args, t_start=None):
             with amp:
                 total, parts, stats = compute_losses(model, teacher_fwd, gram_teacher, images, crops, masks,
                                                      step, sched, args)
-            # the first step whose loss is not finite, kept on the device (read at logging intervals only)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total.detach()), step, first_bad)
             opt.zero_grad(set_to_none=True)
             total.backward()
@@ -1029,92 +1171,32 @@ def train(args, t_start=None):
             train_time += time.time() - t_step
 
             # ---- diagnostics: logging, evaluation, checkpoints
-            for k, v in {**parts, **stats, "loss": total}.items():
-                acc[k] = acc.get(k, 0.0) + v.detach().float()
-            acc_n += 1
+            log.add({**parts, **stats, "loss": total})
             epoch_end = step % steps_per_epoch == 0
-            if not ddp:
+            if world == 1:
                 stop.signal = stop.pending
             if step % args.log_every == 0 or step == total_steps or epoch_end or stop.signal:  # gates every save
-                if ddp:  # every process stops together: on a non-finite loss anywhere, or a signal to any
-                    flags = torch.tensor([first_bad.item() + 1, stop.pending or 0], device=device)
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                    first_bad, stop.signal = flags[0] - 1, int(flags[1]) or None
-                if first_bad.item() >= 0:
-                    bad = [k for k, v in acc.items() if not torch.isfinite(v)]
-                    raise FloatingPointError(
-                        f"the loss became non-finite at step {first_bad.item()} (epoch "
-                        f"{first_bad.item() // steps_per_epoch}) in part(s) {', '.join(bad) or 'total'}; training "
-                        f"stopped and the last good checkpoint in {ck_path} is intact. Lower --lr, raise "
-                        "--warmup-epochs or --clip-grad, or check the data.")
+                first_bad = stop.agree(first_bad, world, device)
+                raise_if_not_finite(first_bad, log.acc, steps_per_epoch, ck_path)
             if step % args.log_every == 0 or step == total_steps:
-                now = time.time()
-                keys = sorted(acc)
-                vals = _all_reduce(torch.stack([acc[k] for k in keys])) / (world * acc_n)  # mean over processes
-                rec = {"type": "step", "step": step, "epoch": step / steps_per_epoch,
-                       **{k: round(v, 5) for k, v in zip(keys, vals.tolist())},
-                       "lr": sched["lr"][step - 1], "wd": sched["wd"][step - 1],
-                       "momentum": teacher_momentum(step - 1, sched, args),
-                       "teacher_temp": sched["teacher_temp"][step - 1],
-                       "gram_weight": gram_weight(step - 1, sched, args),
-                       "dino_local_weight": 1.0 - (1.0 - args.gram_local_weight) * gram_ramp(step - 1, sched, args),
-                       "img_per_s": round(acc_n * args.batch_size / (now - t_log), 1)}
-                rec["dino_over_lnK"] = round(rec["dino"] / math.log(args.prototypes), 4)
-                acc, acc_n, t_log = {}, 0, now
-                since_eval.append(rec)
-                if master:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                if bar is not None:
-                    bar.set_postfix({k.replace("_over_lnK", "/lnK"): rec[k] for k in ("loss", "dino_over_lnK", "ibot",
-                                     "koleo", "gram", "lr", "img_per_s") if k in rec}, refresh=False)
-            if bar is not None:
-                bar.update(1)
+                log.step_record(step, sched, args, world)
+            if log.bar is not None:
+                log.bar.update(1)
             if epoch_end and ((step // steps_per_epoch) % args.eval_every == 0 or step == total_steps):
-                knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)["cls"]
-                inst = eval_instruments(teacher.backbone, x_test, y_test, test_masks, args, device)
-                if master:
-                    log.write(json.dumps({"type": "eval", "step": step, "epoch": step // steps_per_epoch,
-                                          "knn_acc": knn_acc, **inst}) + "\n")
-                    log.flush()
-                print0(f"\nepoch {step // steps_per_epoch}: k-NN accuracy {knn_acc:.4f}, " +
-                       ", ".join(f"{k} {v:.4f}" for k, v in inst.items() if v is not None))
-                alarm = collapse_alarm(since_eval, args)
-                streak = streak + 1 if alarm else 0
-                if alarm and streak >= 2 and master:
-                    print0(f"warning: {alarm}")
-                    log.write(json.dumps({"type": "alarm", "step": step, "message": alarm}) + "\n")
-                since_eval = []
+                knn_acc = evaluate(step, step // steps_per_epoch, teacher.backbone, eval_data, args, device, log)
             if master and (epoch_end or stop.signal is not None):
                 save_checkpoint(ck_path, checkpoint_state(step))
-            if stop.signal is not None:
-                name = signal.Signals(stop.signal).name
-                print0(f"\n{name}: saved {ck_path} at step {step}; continue with the same command and --resume.")
-                raise SystemExit(128 + stop.signal)
-    finally:
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+            stop.exit_if_signalled(ck_path, step)
 
     if knn_acc is None:  # resumed a finished run
-        knn_acc = evaluate_knn(teacher.backbone, x_knn, y_knn, x_test, y_test, args, device)["cls"]
+        knn_acc = evaluate_knn(teacher.backbone, *eval_data[:4], args, device)["cls"]
     summary = {"knn_acc": knn_acc, **baselines,
                "images_per_s": round((step - start_step) * args.batch_size / max(train_time, 1e-9), 1),
                "wall_s": round(time.time() - (t_start or t0), 1), "device": str(device), "steps": step,
                "config": vars(args)}
     if master:
-        with open(os.path.join(args.out_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        best = max(baselines["knn_acc_raw_pixels"], baselines["knn_acc_random_init"])
-        print0(f"\nk-NN accuracy: trained {knn_acc:.4f} | random-init ViT {baselines['knn_acc_random_init']:.4f} | "
-               f"raw pixels {baselines['knn_acc_raw_pixels']:.4f} | gain over the better baseline "
-               f"{100 * (knn_acc - best):+.1f} points")
-        print0(f"{summary['images_per_s']} images/s on {device}, {summary['wall_s']} s in all. Files: {ck_path}, "
-               f"{log_path}, {os.path.join(args.out_dir, 'summary.json')}")
-    if ddp:
+        write_summary(summary, baselines, ck_path, args.out_dir)
+    if world > 1:
         dist.destroy_process_group()
     return summary
 

@@ -330,8 +330,8 @@ class Block(nn.Module):
 
     def residual(self, x, branch, ls):
         """x + drop_path(ls(branch)) in one pass over the tokens: LayerScale's gamma (D,) and the drop-path
-        keep mask (B, 1, 1) / (1 - p) are folded into one small (B, 1, D) scale, then one fused multiply-add.
-        Same result as the three-step form; a third fewer element-wise passes on a CPU (bench/profile_step.py)."""
+        keep mask (B, 1, 1) / (1 - p) fold into one small (B, 1, D) scale, then one fused multiply-add (the
+        three-step form's result, with fewer passes over the tokens)."""
         scale = ls.gamma if isinstance(ls, LayerScale) else None
         if self.drop_path > 0 and self.training:
             keep = drop_path(x.new_ones(x.shape[0], 1, 1), self.drop_path, True)  # 0 or 1 / (1 - p) per sample
@@ -1283,8 +1283,8 @@ def knn_raw_pixels(x_train, y_train, x_test, y_test, args):
 
 
 def knn_random_init(backbone, x_train, y_train, x_test, y_test, args, device):
-    """Baseline: the same ViT at initialisation. With LayerScale 1e-5 its CLS token barely sees the image, so
-    we also read the mean of its patch tokens, and report the better of the two."""
+    """Baseline: the same ViT at initialisation. With LayerScale 1e-5 its CLS token barely sees the image, so the
+    mean of its patch tokens is read too, and the better of the two reported."""
     res = evaluate_knn(backbone, x_train, y_train, x_test, y_test, args, device, pools=("cls", "mean"))
     return {"knn_acc_random_init": max(res.values()), "knn_acc_random_init_cls": res["cls"],
             "knn_acc_random_init_meanpatch": res["mean"]}
@@ -1975,7 +1975,7 @@ def make_scenes(split="train", n=None, size=32, seed=0):
 # object's own frame, so they rotate and scale with it), on a random shape with random colours, rotation,
 # scale and position over a flat or gradient background. A texture survives cropping, flips, colour jitter,
 # grayscale, blur and solarisation, and a ViT's patches see it directly; raw pixels and a random-init ViT
-# do not (measured: bench/screen_data.py, docs/data.md).
+# do not separate the classes (bench/screen_data.py checks this).
 TEXTURES = ("stripes", "checker", "dots", "rings", "grid", "chevrons", "pinwheel", "waves", "blobs", "plain")
 TEXTURES_SIZES = {"train": 10000, "test": 2000}
 
@@ -2223,19 +2223,16 @@ def load_data(args):
 # 12. Command line
 # -----------------------------------------------------------------------------------------------
 
-# Experiment presets (the two failures at small scale): named flag sets, filled in before the
-# other defaults; a flag given on the command line still wins. Measured results: docs/results.md.
+# Experiment presets for the two failures at small scale: named flag sets, filled in before the other
+# defaults, so a flag given on the command line still wins.
 PRESETS = {
-    # storage: the default run (10k scenes, 3 epochs, about 10 CPU minutes) as a plain ViT without registers,
-    # its instruments logged every epoch; add `--registers 4` (or 1, 2) for the fix, `--seed` for spread.
-    # Artifacts are tokens the blocks have written several times their embedding's norm into; with the
-    # nano defaults (LayerScale 0.1) the blocks write about 2% of it in this budget, so here LayerScale is
-    # off, the lr 2.5x and layer decay off: the setting with the largest writes found (docs/results.md).
+    # storage: the default run as a plain ViT without registers, its instruments logged every epoch; add
+    # `--registers 4` (or 1, 2) for the fix. Artifacts are tokens the blocks have written several times their
+    # embedding's norm into; LayerScale off, a 2.5x lr and no layer decay let the blocks write that much.
     "artifacts": dict(registers=0, eval_every=1, layerscale=0.0, lr=1e-2, layer_decay=1.0),
     # signal: the same free-writing setting with the default 4 registers (so storage is not the question),
-    # where the patches' similarity maps lose a little locality over training (docs/results.md).
-    # Add `--gram --gram-teacher-epoch 1 --gram-start 1` for the fix (Gram teacher = the epoch-1 EMA teacher),
-    # `--ibot-weight 0` for the global objective alone.
+    # where the patches' similarity maps lose locality over training. Add `--gram --gram-teacher-epoch 1
+    # --gram-start 1` for the fix, `--ibot-weight 0` for the global objective alone.
     "collapse": dict(layerscale=0.0, lr=1e-2, layer_decay=1.0, eval_every=1),
 }
 
@@ -2267,18 +2264,16 @@ def get_args_parser():
     a = group["recipe and losses"].add_argument
     a("--preset", default=None, choices=list(PRESETS), help="A named flag set for the two failure modes. "
       "artifacts: 0 registers, LayerScale off, lr 1e-2, no layer decay, instruments every epoch; collapse: the "
-      "same with 4 registers (add --gram ...). Flags given explicitly override it. See docs/results.md.")
-    # data
+      "same with 4 registers (add --gram ...). Flags given explicitly override it.")
     a = group["data"].add_argument
     a("--dataset", default="scenes", choices=DATASETS, help="`scenes` and `textures` are built in and need no "
-      "download (textures: one large object whose surface texture is its class, made for learning at small "
-      "scale, see docs/data.md; scenes: a small shape among distractors); the others download into --data-dir "
-      "on first use (`folder`: any folder of class subfolders).")
+      "download (textures: one large object whose surface texture is its class, learnable at small scale; "
+      "scenes: a small shape among distractors); the others download into --data-dir on first use (`folder`: "
+      "any folder of class subfolders).")
     a("--data-dir", default="./data", help="Where datasets live or are downloaded to; point it at an existing "
       "copy to skip the download (for `folder`: the folder itself, optionally with train/ and val/).")
     a("--image-size", type=int, default=None, help="Global crop size in pixels (reference 224). Default: the "
-      "dataset's native size (scenes and textures 32, CIFAR 32, STL-10 96, Imagenette 64). Must be divisible "
-      "by --patch-size.")
+      "dataset's native size (scenes, textures, CIFAR 32, STL-10 96, Imagenette 64). A multiple of --patch-size.")
     a = group["augmentation"].add_argument
     a("--local-size", type=int, default=None, help="Local crop size (reference 96 for 224 globals). Default: "
       "half of --image-size, rounded to the patch size. Must be smaller than --image-size.")
@@ -2292,7 +2287,6 @@ def get_args_parser():
     a("--num-images", type=int, default=None, help="Cap the training set for quick runs (scenes and textures "
       "have 10000).")
     a("--workers", type=int, default=4, help="Threads used to decode image files for `folder`/`imagenette`.")
-    # model
     a = group["model"].add_argument
     a("--model", default="nano", choices=list(MODELS), help="Preset: nano (64-d, 6 layers, 2 heads; CPU), "
       "tiny (192-d, 12 layers, 3 heads), small (384-d, 12, 6), base (768-d, 12, 12).")
@@ -2301,32 +2295,29 @@ def get_args_parser():
     a("--heads", type=int, default=None, help="Override the preset's number of attention heads.")
     a("--patch-size", type=int, default=4, help="Patch size (reference 16 at 224 px; 4 on 32 px images keeps an "
       "8x8 grid). Smaller patches cost quadratically more attention.")
-    a("--registers", type=int, default=4, help="Register tokens (DINOv3: 4). 0 reproduces the plain ViT that "
-      "grows high-norm artifact tokens; one register already removes them in the registers paper.")
+    a("--registers", type=int, default=4, help="Register tokens (DINOv3: 4). 0 is the plain ViT that grows "
+      "high-norm artifact tokens; in the registers paper one register already removes them.")
     a("--layerscale", type=float, default=None, help="LayerScale init (reference 1e-5); 0 disables LayerScale. "
       "Default: 1e-5, but 0.1 for nano (CaiT's value for depth <= 18): at 1e-5 a shallow net's CLS outputs start "
-      "almost identical across images (mean cosine 0.91), so the first Sinkhorn targets are uniform. LayerScale is "
-      "reported as needed for high-norm outliers to appear at small scale.")
+      "almost identical across images, so the first Sinkhorn targets are uniform.")
     a("--drop-path", type=float, default=None, help="Stochastic depth on the student (reference 0.1-0.4 by "
       "size). Default 0 for nano, 0.1 otherwise.")
     a("--rope-rescale", type=float, default=2.0, help="Train-time RoPE box jitter: coordinates rescaled by a "
       "log-uniform factor in [1/x, x] (DINOv3: 2). 1 disables it.")
     a("--rope-shift", type=float, default=0.0, help="Train-time RoPE coordinate shift, uniform in [-x, x] "
-      "(DINOv3 code supports it, off in the released config).")
+      "(off in DINOv3's released config).")
     a("--rope-jitter", type=float, default=1.0, help="Train-time per-axis RoPE scale jitter, log-uniform in "
       "[1/x, x] (off = 1, as in the released config).")
-    # heads and losses
     a = group["recipe and losses"].add_argument
     a("--prototypes", type=int, default=None, help="K, the number of prototypes of both heads (reference "
       "65536 on ImageNet; here 4096, nano 1024). Small data converges faster with 1k-8k; too few caps what the "
       "features can separate.")
     a("--head-hidden", type=int, default=None, help="Hidden width of the DINO/iBOT heads (reference 2048; "
-      "nano uses 256 to stay fast on a CPU).")
+      "nano 256, to stay fast on a CPU).")
     a("--head-bottleneck", type=int, default=256, help="Bottleneck width before the prototypes (reference 256).")
     a("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True, help="L2-normalise the "
-      "prototypes, so logits are cosines (DINO/DINOv2). DINOv3's code uses a plain linear layer "
-      "(--no-norm-last-layer); the default here, because with small heads and short runs the normalised "
-      "layer gives the teacher less flat targets at the start.")
+      "prototypes, so logits are cosines (DINO/DINOv2; DINOv3's code: --no-norm-last-layer). On by default: "
+      "with small heads and short runs it gives the teacher less flat targets at the start.")
     a("--student-temp", type=float, default=0.1, help="Student softmax temperature (reference 0.1).")
     a("--teacher-temp", type=float, default=0.07, help="Final teacher temperature (reference 0.07). Above "
       "~0.07 training becomes unstable; lower it (0.04) if the teacher entropy stays high.")
@@ -2340,7 +2331,6 @@ def get_args_parser():
     a("--mask-ratio", type=float, nargs=2, default=(0.1, 0.5), help="iBOT mask ratios, spread over the masked "
       "crops (reference 0.1 0.5).")
     a("--mask-prob", type=float, default=0.5, help="Fraction of global crops that are masked (reference 0.5).")
-    # Gram anchoring
     a = group["Gram anchoring"].add_argument
     a("--gram", action="store_true", help="Turn on Gram anchoring (DINOv3 Sec. 4): match the patch-similarity "
       "structure of a frozen earlier teacher.")
@@ -2365,7 +2355,6 @@ def get_args_parser():
       "Default: on with --gram, off otherwise.")
     a("--gram-hires", action="store_true", help="Give the Gram teacher the same crop at 2x resolution without "
       "colour distortion, and bicubic-downsample its patch features to the student's grid (DINOv3 Sec. 4.3).")
-    # optimisation
     a = group["schedule and optimiser"].add_argument
     a("--epochs", type=int, default=3, help="Training epochs (reference 100 on ImageNet-scale data). The two "
       "failure modes need long runs; the default is sized for a 10-minute CPU demo.")
@@ -2385,7 +2374,6 @@ def get_args_parser():
     a("--clip-grad", type=float, default=3.0, help="Gradient norm clipping (reference 3.0); 0 disables.")
     a("--freeze-last-layer-epochs", type=int, default=1, help="Epochs during which the prototypes are frozen "
       "(reference 1), a stabiliser from DINO.")
-    # run
     a = group["run and output"].add_argument
     a("--eval-every", type=int, default=4, help="Run k-NN every this many epochs (and always at the end).")
     a("--knn-k", type=int, default=20, help="k of the weighted k-NN (reference 20).")
@@ -2400,7 +2388,6 @@ def get_args_parser():
     a("--no-progress", action="store_true", help="No tqdm bar (for logs and CI).")
     a("--analyze-images", type=int, default=1000, help="Test images the instruments read, at each evaluation "
       "and in --analyze (half train the dense probe, half score it).")
-    # analysis commands (no training)
     a = group["modes (instead of training)"].add_argument
     a("--analyze", metavar="RUN_DIR_OR_CHECKPOINT", default=None, help="Instead of training: measure a trained "
       "teacher (token norms and outliers, attention, PCA/similarity maps, dense probe) and write analysis/*.png "

@@ -1505,6 +1505,11 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
     pics = images[order].permute(0, 2, 3, 1).cpu().numpy()
     paths = []
 
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=80)
+        paths.append(os.path.join(out_dir, name))
+
     def grid_fig(rows, name, suptitle, row_titles, cmap_rows, marks=None):
         fig = Figure(figsize=(2 * n_show, 2.1 * (len(rows) + 1)))
         ax = fig.subplots(len(rows) + 1, n_show, squeeze=False)
@@ -1522,9 +1527,7 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
         for r, t in enumerate(row_titles):
             ax[r + 1, 0].set_ylabel(t)
         fig.suptitle(f"{suptitle}\n{title}")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, name), dpi=80)
-        paths.append(os.path.join(out_dir, name))
+        save(fig, name)
 
     # 1. norm histogram: patch vs register vs CLS output norms (log counts: outliers are rare)
     fig = Figure(figsize=(7, 4))
@@ -1543,9 +1546,7 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
     ax.set_title(f"Output token norms: outlier fraction {metrics['outlier_fraction']:.3%}, bimodality "
                  f"{metrics['patch_norm_bimodality']:.2f}\n{title}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "norm_hist.png"), dpi=80)
-    paths.append(os.path.join(out_dir, "norm_hist.png"))
+    save(fig, "norm_hist.png")
     # 2. norms per layer: where in depth the high norms appear
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
@@ -1561,9 +1562,7 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
     ax.set_yscale("log")
     ax.set_title(f"Token norms through depth\n{title}", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "norms_per_layer.png"), dpi=80)
-    paths.append(os.path.join(out_dir, "norms_per_layer.png"))
+    save(fig, "norms_per_layer.png")
     # 3. norm maps and outliers over the patch grid
     nm = details["patch_norms"][order].reshape(-1, g, g).numpy()
     om = details["outliers"][order].reshape(-1, g, g).float().numpy()
@@ -1640,6 +1639,19 @@ def plot_log(out_dir):
     return out
 
 
+def write_metrics(metrics, out_dir, n_pics, keys, show_skipped=False):
+    """metrics.json into out_dir, and the key figures printed one per line; returns the metrics."""
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    for k in keys:
+        v = metrics.get(k)
+        print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
+    if show_skipped and metrics["skipped"]:
+        print("skipped: " + "; ".join(metrics["skipped"]))
+    print(f"wrote {os.path.join(out_dir, 'metrics.json')} and {n_pics} pictures in {out_dir}")
+    return metrics
+
+
 def load_teacher(path, device="cpu"):
     """The EMA teacher's backbone of a run folder or checkpoint, in eval mode: (backbone, the run's args, checkpoint)."""
     ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
@@ -1668,19 +1680,12 @@ def analyze_run(path, device_name="auto", n_images=1000):
     out_dir = os.path.join(os.path.dirname(os.path.abspath(ck_path)), "analysis")
     title = f"{args.model} ViT, {args.registers} registers, {args.dataset}, epoch {epoch:g} (EMA teacher)"
     pics = plot_analysis(tok, details, metrics, x_test[:n], out_dir, title, masks[:n] if masks is not None else None)
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    for k in ("outlier_fraction", "outlier_background_share", "outlier_cls_attention_share", "outlier_knn_acc",
-              "normal_patch_knn_acc", "register_norm_mean", "register_cls_attention_share", "patch_norm_median",
-              "patch_norm_max_ratio", "patch_write_median", "patch_write_max", "patch_norm_bimodality", "dense_miou",
-              "dense_fg_miou", "patch_effective_rank", "patch_cls_cosine", "similarity_locality",
-              "similarity_locality_chance"):
-        v = metrics.get(k)
-        print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
-    if metrics["skipped"]:
-        print("skipped: " + "; ".join(metrics["skipped"]))
-    print(f"wrote {os.path.join(out_dir, 'metrics.json')} and {len(pics)} pictures in {out_dir}")
-    return metrics
+    return write_metrics(metrics, out_dir, len(pics), (
+        "outlier_fraction", "outlier_background_share", "outlier_cls_attention_share", "outlier_knn_acc",
+        "normal_patch_knn_acc", "register_norm_mean", "register_cls_attention_share", "patch_norm_median",
+        "patch_norm_max_ratio", "patch_write_median", "patch_write_max", "patch_norm_bimodality", "dense_miou",
+        "dense_fg_miou", "patch_effective_rank", "patch_cls_cosine", "similarity_locality",
+        "similarity_locality_chance"), show_skipped=True)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1849,15 +1854,9 @@ def analyze_released(args, state_dict=None):
              f"patch {p}, {len(images)} photo(s) at {S} px")
     pics = plot_analysis(tok, details, metrics, images, out_dir, title, n_show=min(6, len(images)))
     metrics.update(model=tag, image_size=S, images=args.images or "grace_hopper.jpg (matplotlib)")
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    for k in ("outlier_fraction", "patch_norm_median", "patch_norm_max", "patch_norm_max_ratio",
-              "patch_norm_bimodality", "register_norm_mean", "outlier_cls_attention_share",
-              "register_cls_attention_share", "patch_cls_cosine"):
-        v = metrics.get(k)
-        print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
-    print(f"wrote {os.path.join(out_dir, 'metrics.json')} and {len(pics)} pictures in {out_dir}")
-    return metrics
+    return write_metrics(metrics, out_dir, len(pics), ("outlier_fraction", "patch_norm_median", "patch_norm_max",
+                         "patch_norm_max_ratio", "patch_norm_bimodality", "register_norm_mean",
+                         "outlier_cls_attention_share", "register_cls_attention_share", "patch_cls_cosine"))
 
 
 def analyze_command(args):

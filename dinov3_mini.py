@@ -639,11 +639,13 @@ def gram_teacher_patches(gram_teacher, images, crops, *, hires=False):
 # -----------------------------------------------------------------------------------------------
 
 def print0(*a, **k):
+    """print on rank 0 only (every process runs the same code)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
         print(*a, **k, flush=True)
 
 
 def pick_device(name):
+    """--device: auto picks cuda, then mps, then cpu."""
     if name != "auto":
         return torch.device(name)
     if torch.cuda.is_available():
@@ -654,6 +656,7 @@ def pick_device(name):
 
 
 def build_backbone(args, student=True):
+    """The ViT a run's args describe (drop path on the student only)."""
     return ViT(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
                heads=args.heads, num_registers=args.registers, layerscale=args.layerscale,
                drop_path=args.drop_path if student else 0.0, rope_shift=args.rope_shift,
@@ -773,8 +776,8 @@ def compute_losses(student, teacher, gram_teacher, images, crops, masks, it, sch
         parts["koleo"] = sum(koleo_loss(c) for c in s["cls"].chunk(2))  # 0.1 x 2 x mean over crops
     gram_w = args.gram_weight * ramp
     if gram_teacher is not None and gram_w > 0:
-        parts["gram"] = gram_loss(s["patches"], gram_teacher_patches(gram_teacher, images, crops,
-                                                                           hires=args.gram_hires))
+        g_patches = gram_teacher_patches(gram_teacher, images, crops, hires=args.gram_hires)  # (2B, N, D)
+        parts["gram"] = gram_loss(s["patches"], g_patches)
     weights = {"dino": 1.0, "ibot": args.ibot_weight, "koleo": args.koleo_weight, "gram": gram_w}
     total = sum(weights[k] * v for k, v in parts.items())
     stats = {"teacher_entropy": -(t_cls * torch.log(t_cls + 1e-12)).sum(-1).mean().detach()}
@@ -818,7 +821,7 @@ ARCH_KEYS = ("dim", "depth", "heads", "registers", "patch_size", "prototypes", "
 
 
 class CheckpointError(Exception):
-    pass
+    """A checkpoint or weights file that cannot be used: missing, corrupt, carrying code, or of another model."""
 
 
 def safe_load(path):

@@ -635,8 +635,13 @@ def gram_teacher_patches(gram_teacher, images, crops, *, hires=False):
 
 
 # -----------------------------------------------------------------------------------------------
-# 7. Training
+# 7. Training. The step is compute_losses (the paper's loss sum) inside `train`; the helpers between them set
+# up the device and processes, the schedules, checkpoints and resume, signals, logs and the evaluation hook.
 # -----------------------------------------------------------------------------------------------
+
+class UsageError(Exception):
+    """A user mistake found only once the data is loaded; reported like an argparse error (exit 2)."""
+
 
 def print0(*a, **k):
     """print on rank 0 only (every process runs the same code)."""
@@ -655,12 +660,46 @@ def pick_device(name):
     return torch.device("cpu")
 
 
+def setup_distributed(args):
+    """The device and the processes, decided once: (device, rank, world). Several processes (torchrun sets
+    WORLD_SIZE > 1) each take one GPU (nccl) or share the CPU (gloo)."""
+    device = pick_device(args.device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device, 0, 1
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+    return device, rank, world
+
+
 def build_backbone(args, student=True):
     """The ViT a run's args describe (drop path on the student only)."""
     return ViT(image_size=args.image_size, patch_size=args.patch_size, dim=args.dim, depth=args.depth,
                heads=args.heads, num_registers=args.registers, layerscale=args.layerscale,
                drop_path=args.drop_path if student else 0.0, rope_shift=args.rope_shift,
                rope_jitter=args.rope_jitter, rope_rescale=args.rope_rescale, untie_local_norm=args.untie_local_norm)
+
+
+def build_model(args, student=True):
+    """Backbone + DINO and iBOT heads as args describe them (the teacher has no drop path)."""
+    return DINOModel(build_backbone(args, student), args.prototypes, args.head_hidden, args.head_bottleneck,
+                     args.norm_last_layer)
+
+
+def wrap_models(student, teacher, args, device, world):
+    """(student as the step calls it: DDP-wrapped with several processes, compiled with --compile; teacher)."""
+    model = student
+    if world > 1:  # parameters without a gradient in some runs: the iBOT head at weight 0, an unused local norm
+        unused = args.ibot_weight == 0 or (args.untie_local_norm and args.local_crops == 0)
+        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
+                                                    else None, find_unused_parameters=unused)
+    if args.compile:
+        return torch.compile(model), torch.compile(teacher)
+    return model, teacher
 
 
 def cosine_schedule(base, final, total, warmup=0, start=0.0):
@@ -743,6 +782,17 @@ def clip_gradients(model, max_norm):
             nn.utils.clip_grad_norm_(part.parameters(), max_norm)
 
 
+def crop_kwargs(args):
+    """The multicrop keywords a run's args give."""
+    return dict(global_size=args.image_size, local_size=args.local_size, n_local=args.local_crops,
+                global_scale=args.global_scale, local_scale=args.local_scale)
+
+
+def mask_kwargs(args):
+    """The ibot_masks keywords a run's args give."""
+    return dict(mask_prob=args.mask_prob, mask_ratio=args.mask_ratio)
+
+
 def shard(x, n_groups, rank, world):
     """This process's share of a crop-major batch (n_groups*B, ...): the same slice of every crop group."""
     if world == 1:
@@ -784,23 +834,15 @@ def compute_losses(student, teacher, gram_teacher, images, crops, masks, it, sch
     return total, parts, stats
 
 
-def collapse_alarm(records, args):
-    """A message when the logged steps since the last evaluation look collapsed, else None.
-
-    Two signatures (DINO Sec. 5.3): the teacher's targets are one-hot-like (entropy near 0: every image on
-    one prototype), or the DINO loss stays at ln K (targets uniform: nothing is being learnt)."""
-    if not records:
-        return None
-    ratio = sum(r["dino_over_lnK"] for r in records) / len(records)
-    entropy = sum(r["teacher_entropy"] for r in records) / len(records)
-    if entropy < 0.05 * math.log(args.prototypes):
-        return (f"teacher entropy {entropy:.3f} is near 0: the teacher puts every image on a few prototypes. "
-                "Lower --lr, raise --momentum, raise --teacher-temp slightly or use fewer --prototypes.")
-    if ratio > 0.97:
-        return (f"the DINO loss stays at {ratio:.3f} x ln K: the teacher's targets are nearly uniform and nothing "
-                "is being learnt yet. Lower --warmup-teacher-temp / --teacher-temp (DINO: 'try decreasing it if "
-                "the training loss does not decrease'), train longer, or use fewer --prototypes.")
-    return None
+def raise_if_not_finite(first_bad, acc, steps_per_epoch, ck_path):
+    """Stop on the first non-finite loss (tracked on the device, read here at the logging gates only), before
+    a checkpoint could save the broken state."""
+    if first_bad.item() >= 0:
+        bad = [k for k, v in acc.items() if not torch.isfinite(v)]
+        raise FloatingPointError(
+            f"the loss became non-finite at step {first_bad.item()} (epoch {first_bad.item() // steps_per_epoch}) "
+            f"in part(s) {', '.join(bad) or 'total'}; training stopped and the last good checkpoint in {ck_path} "
+            "is intact. Lower --lr, raise --warmup-epochs or --clip-grad, or check the data.")
 
 
 def save_checkpoint(path, state):
@@ -857,101 +899,6 @@ def load_checkpoint(path, args=None):
     return ck
 
 
-class UsageError(Exception):
-    """A user mistake found only once the data is loaded; reported like an argparse error (exit 2)."""
-
-
-def crop_kwargs(args):
-    """The multicrop keywords a run's args give."""
-    return dict(global_size=args.image_size, local_size=args.local_size, n_local=args.local_crops,
-                global_scale=args.global_scale, local_scale=args.local_scale)
-
-
-def mask_kwargs(args):
-    """The ibot_masks keywords a run's args give."""
-    return dict(mask_prob=args.mask_prob, mask_ratio=args.mask_ratio)
-
-
-class Stop:
-    """SIGINT/SIGTERM while training: remembered (pending) so the loop can finish its step, save and exit
-    cleanly. One process acts on it at once; several first agree (signal) at the next logging gate, then
-    stop together. `with Stop() as stop:` installs the handler and restores the previous one."""
-
-    def __init__(self):
-        self.pending = self.signal = None
-
-    def __call__(self, signum, frame):
-        self.pending = signum
-
-    def __enter__(self):
-        self.old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-
-    def agree(self, first_bad, world, device):
-        """At a logging gate: every process learns of a signal to any of them and of the first non-finite
-        loss anywhere (a max all-reduce); returns that step (-1: none)."""
-        if world > 1:
-            flags = torch.tensor([first_bad.item() + 1, self.pending or 0], device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            first_bad, self.signal = flags[0] - 1, int(flags[1]) or None
-        return first_bad
-
-    def exit_if_signalled(self, ck_path, step):
-        if self.signal is not None:
-            print0(f"\n{signal.Signals(self.signal).name}: saved {ck_path} at step {step}; continue with the same "
-                   "command and --resume.")
-            raise SystemExit(128 + self.signal)
-
-
-def raise_if_not_finite(first_bad, acc, steps_per_epoch, ck_path):
-    """Stop on the first non-finite loss (tracked on the device, read here at the logging gates only), before
-    a checkpoint could save the broken state."""
-    if first_bad.item() >= 0:
-        bad = [k for k, v in acc.items() if not torch.isfinite(v)]
-        raise FloatingPointError(
-            f"the loss became non-finite at step {first_bad.item()} (epoch {first_bad.item() // steps_per_epoch}) "
-            f"in part(s) {', '.join(bad) or 'total'}; training stopped and the last good checkpoint in {ck_path} "
-            "is intact. Lower --lr, raise --warmup-epochs or --clip-grad, or check the data.")
-
-
-def setup_distributed(args):
-    """The device and the processes, decided once: (device, rank, world). Several processes (torchrun sets
-    WORLD_SIZE > 1) each take one GPU (nccl) or share the CPU (gloo)."""
-    device = pick_device(args.device)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return device, 0, 1
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.batch_size % world:
-        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
-    return device, rank, world
-
-
-def build_model(args, student=True):
-    """Backbone + DINO and iBOT heads as args describe them (the teacher has no drop path)."""
-    return DINOModel(build_backbone(args, student), args.prototypes, args.head_hidden, args.head_bottleneck,
-                     args.norm_last_layer)
-
-
-def wrap_models(student, teacher, args, device, world):
-    """(student as the step calls it: DDP-wrapped with several processes, compiled with --compile; teacher)."""
-    model = student
-    if world > 1:  # parameters without a gradient in some runs: the iBOT head at weight 0, an unused local norm
-        unused = args.ibot_weight == 0 or (args.untie_local_norm and args.local_crops == 0)
-        model = nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda"
-                                                    else None, find_unused_parameters=unused)
-    if args.compile:
-        return torch.compile(model), torch.compile(teacher)
-    return model, teacher
-
-
 def restore_checkpoint(ck_path, args, student, teacher, opt, gen):
     """--resume: every state the run continues from, bit for bit (weights, optimiser, Gram teacher, both random
     generators); returns (step, baselines, gram_teacher, gram_refreshes)."""
@@ -988,6 +935,41 @@ def gram_snapshot_due(epoch, args, gram_refreshes):
     return epoch == args.gram_teacher_epoch or bool(
         args.gram_refresh_every and epoch > args.gram_start and gram_refreshes < args.gram_refresh_max
         and (epoch - args.gram_start) % args.gram_refresh_every == 0)
+
+
+class Stop:
+    """SIGINT/SIGTERM while training: remembered (pending) so the loop can finish its step, save and exit
+    cleanly. One process acts on it at once; several first agree (signal) at the next logging gate, then
+    stop together. `with Stop() as stop:` installs the handler and restores the previous one."""
+
+    def __init__(self):
+        self.pending = self.signal = None
+
+    def __call__(self, signum, frame):
+        self.pending = signum
+
+    def __enter__(self):
+        self.old = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+    def agree(self, first_bad, world, device):
+        """At a logging gate: every process learns of a signal to any of them and of the first non-finite
+        loss anywhere (a max all-reduce); returns that step (-1: none)."""
+        if world > 1:
+            flags = torch.tensor([first_bad.item() + 1, self.pending or 0], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            first_bad, self.signal = flags[0] - 1, int(flags[1]) or None
+        return first_bad
+
+    def exit_if_signalled(self, ck_path, step):
+        if self.signal is not None:
+            print0(f"\n{signal.Signals(self.signal).name}: saved {ck_path} at step {step}; continue with the same "
+                   "command and --resume.")
+            raise SystemExit(128 + self.signal)
 
 
 class TrainLog:
@@ -1054,6 +1036,25 @@ def knn_baselines(backbone, eval_data, args, device):
                  **knn_random_init(backbone, x_knn, y_knn, x_test, y_test, args, device)}
     print0("baselines: " + ", ".join(f"{k} {v:.3f}" for k, v in baselines.items()))
     return baselines
+
+
+def collapse_alarm(records, args):
+    """A message when the logged steps since the last evaluation look collapsed, else None.
+
+    Two signatures (DINO Sec. 5.3): the teacher's targets are one-hot-like (entropy near 0: every image on
+    one prototype), or the DINO loss stays at ln K (targets uniform: nothing is being learnt)."""
+    if not records:
+        return None
+    ratio = sum(r["dino_over_lnK"] for r in records) / len(records)
+    entropy = sum(r["teacher_entropy"] for r in records) / len(records)
+    if entropy < 0.05 * math.log(args.prototypes):
+        return (f"teacher entropy {entropy:.3f} is near 0: the teacher puts every image on a few prototypes. "
+                "Lower --lr, raise --momentum, raise --teacher-temp slightly or use fewer --prototypes.")
+    if ratio > 0.97:
+        return (f"the DINO loss stays at {ratio:.3f} x ln K: the teacher's targets are nearly uniform and nothing "
+                "is being learnt yet. Lower --warmup-teacher-temp / --teacher-temp (DINO: 'try decreasing it if "
+                "the training loss does not decrease'), train longer, or use fewer --prototypes.")
+    return None
 
 
 def evaluate(step, epoch, backbone, eval_data, args, device, log):
@@ -2187,19 +2188,18 @@ def _read_folder(root, size, workers):
 def load_data(args):
     """(train_images, knn_train_images, knn_train_labels, test_images, test_labels, test_masks or None).
 
-    Images stay uint8 (N, 3, S, S) at their stored size; crops are resized on the fly."""
+    Images stay uint8 (N, 3, S, S) at their stored size; crops are resized on the fly. With --gram-hires the
+    built-in datasets render, and image folders load, at 2x, so the Gram teacher really sees more detail."""
     name, root = args.dataset, args.data_dir
+    size = args.image_size * (2 if args.gram_hires else 1)
     if name == "scenes":
-        # with --gram-hires the scenes render at 2x, so the Gram teacher really sees more detail
-        size = args.image_size * (2 if args.gram_hires else 1)
         x, y, _ = make_scenes("train", args.num_images or SCENES_SIZES["train"], size, args.seed)
         xt, yt, mt = make_scenes("test", SCENES_SIZES["test"], size, args.seed)
         return x, x, y, xt, yt, mt
-    if name == "textures":  # built in as well; with --gram-hires rendered at 2x like scenes
+    if name == "textures":
         if (args.num_images or 0) > TEXTURES_SIZES["train"]:
             raise UsageError(f"--num-images {args.num_images}: the textures dataset has "
                              f"{TEXTURES_SIZES['train']} training images; give at most that many")
-        size = args.image_size * (2 if args.gram_hires else 1)
         x, y, _ = make_textures("train", args.num_images, size, args.seed)
         xt, yt, mt = make_textures("test", None, size, args.seed)
         return x, x, y, xt, yt, mt
@@ -2216,7 +2216,7 @@ def load_data(args):
         if not os.path.isdir(folder):
             _fetch("https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz", root)
         root = folder
-    d, _ = _read_folder(root, args.image_size * (2 if args.gram_hires else 1), args.workers)
+    d, _ = _read_folder(root, size, args.workers)
     (x, y), (xt, yt) = d["train"], d["val"]
     return x[:args.num_images], x, y, xt, yt, None
 

@@ -284,7 +284,8 @@ def test_copyable_pieces_run_pasted_alone():
     gt = _paste(*CROP_PARTS, "gram_teacher_patches")
     crops = m.multicrop(imgs, torch.Generator().manual_seed(0), **m.crop_kwargs(hires))
     vit = m.build_backbone(hires).eval()
-    assert_close(gt.gram_teacher_patches(vit, imgs, crops, hires=True), m.gram_teacher_patches(vit, imgs, crops, hires=True))
+    assert_close(gt.gram_teacher_patches(vit, imgs, crops, hires=True),
+                 m.gram_teacher_patches(vit, imgs, crops, hires=True))
 
 
 # ---- backbone ----------------------------------------------------------------------------------

@@ -802,6 +802,13 @@ def shard(x, n_groups, rank, world):
     return x[:, rank * b:(rank + 1) * b].flatten(0, 1)
 
 
+def shard_batch(images, crops, masks, n_local, rank, world):
+    """This process's share of the global batch: its images, the same slice of every crop group, its masks."""
+    images = shard(images, 1, rank, world)
+    crops = {k: shard(v, 2 if k in ("globals", "boxes", "flips") else n_local, rank, world) for k, v in crops.items()}
+    return images, crops, shard(masks, 2, rank, world) if masks is not None else None
+
+
 def _all_reduce(x):
     """Sum x over processes in place when torch.distributed is initialised; a no-op otherwise."""
     if dist.is_available() and dist.is_initialized():
@@ -1152,10 +1159,7 @@ def train(args, t_start=None):
             crops = multicrop(images, gen, **crop_kwargs(args))
             masks = (ibot_masks(2 * args.batch_size, grid, gen, **mask_kwargs(args)).to(device)
                      if args.ibot_weight > 0 else None)  # (2B, N) bool
-            images = shard(images, 1, rank, world)  # this process's share of the global batch
-            crops = {k: shard(v, 2 if k in ("globals", "boxes", "flips") else args.local_crops, rank, world)
-                     for k, v in crops.items()}
-            masks = shard(masks, 2, rank, world) if masks is not None else None
+            images, crops, masks = shard_batch(images, crops, masks, args.local_crops, rank, world)
             for g in opt.param_groups:
                 g["lr"] = sched["lr"][step] * g["lr_mult"]
                 g["weight_decay"] = sched["wd"][step] * g["wd_mult"]

@@ -270,20 +270,22 @@ def test_copyable_pieces_run_pasted_alone():
     assert model(img, img[:, :, :8, :8])["cls_logits"].shape == (4, 16)
     args = args_for("--local-crops", "2")
     imgs = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
-    c1 = _paste(*CROP_PARTS).multicrop(imgs, args, torch.Generator().manual_seed(0))
-    c2 = m.multicrop(imgs, args, torch.Generator().manual_seed(0))
+    c1 = _paste(*CROP_PARTS).multicrop(imgs, torch.Generator().manual_seed(0), **m.crop_kwargs(args))
+    c2 = m.multicrop(imgs, torch.Generator().manual_seed(0), **m.crop_kwargs(args))
     assert_close(c1["globals"], c2["globals"]) and assert_close(c1["locals"], c2["locals"])
-    mk = _paste("block_mask", "ibot_masks").ibot_masks(8, 4, args, torch.Generator().manual_seed(0))
-    assert torch.equal(mk, m.ibot_masks(8, 4, args, torch.Generator().manual_seed(0)))
+    mk = _paste("block_mask", "ibot_masks").ibot_masks(8, 4, torch.Generator().manual_seed(0),
+                                                           **m.mask_kwargs(args))
+    assert torch.equal(mk, m.ibot_masks(8, 4, torch.Generator().manual_seed(0), **m.mask_kwargs(args)))
     teach = _paste("ema_update", "make_gram_teacher")
     g = teach.make_gram_teacher(b)
     teach.ema_update(g, a, 0.0)
     assert_close(g(img)["patches"], a(img)["patches"])
     hires = args_for("--dim", "32", "--depth", "1", "--heads", "2", "--gram-hires")
     gt = _paste(*CROP_PARTS, "gram_teacher_patches")
-    crops = m.multicrop(imgs, hires, torch.Generator().manual_seed(0))
+    crops = m.multicrop(imgs, torch.Generator().manual_seed(0), **m.crop_kwargs(hires))
     vit = m.build_backbone(hires).eval()
-    assert_close(gt.gram_teacher_patches(vit, imgs, crops, hires), m.gram_teacher_patches(vit, imgs, crops, hires))
+    assert_close(gt.gram_teacher_patches(vit, imgs, crops, hires=True),
+                 m.gram_teacher_patches(vit, imgs, crops, hires=True))
 
 
 # ---- backbone ----------------------------------------------------------------------------------
@@ -408,8 +410,8 @@ def test_gram_teacher_is_frozen_copy_and_hires_matches_grid():
         vit.cls_token.add_(1.0)
     assert not torch.equal(g.cls_token, vit.cls_token)  # a snapshot, not a view
     imgs = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
-    crops = m.multicrop(imgs, args, torch.Generator().manual_seed(0))
-    feats = m.gram_teacher_patches(g, imgs, crops, args)
+    crops = m.multicrop(imgs, torch.Generator().manual_seed(0), **m.crop_kwargs(args))
+    feats = m.gram_teacher_patches(g, imgs, crops, hires=args.gram_hires)
     assert feats.shape == (4, 64, 32)  # the 2x view's 16x16 map downsampled to the student's 8x8 grid
 
 
@@ -493,7 +495,7 @@ def test_textures_deterministic_and_masks_agree_with_labels():
 def test_multicrop_shapes_ranges_and_boxes():
     args = args_for("--local-crops", "3")
     imgs = torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8)
-    out = m.multicrop(imgs, args, torch.Generator().manual_seed(0))
+    out = m.multicrop(imgs, torch.Generator().manual_seed(0), **m.crop_kwargs(args))
     assert out["globals"].shape == (16, 3, 32, 32) and out["locals"].shape == (24, 3, 16, 16)
     lo = m.normalize(torch.zeros(1, 3, 1, 1)).min().item()
     hi = m.normalize(torch.ones(1, 3, 1, 1)).max().item()
@@ -529,7 +531,7 @@ def test_block_masks_exact_ratio():
         mk = m.block_mask(8, 8, n, rng)
         assert mk.shape == (64,) and mk.sum().item() == n
     args = args_for()
-    masks = m.ibot_masks(200, 8, args, torch.Generator().manual_seed(0))
+    masks = m.ibot_masks(200, 8, torch.Generator().manual_seed(0), **m.mask_kwargs(args))
     ratios = masks.float().mean(1)
     masked = ratios[ratios > 0]
     assert len(masked) == 100  # half of the global crops

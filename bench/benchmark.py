@@ -82,8 +82,8 @@ def make_step(args, device, compile_backend=None):
 
     def data(i):
         batch = images[(torch.arange(B, device=device) + i * B) % len(images)]
-        crops = dm.multicrop(batch, args, gen)
-        masks = dm.ibot_masks(2 * B, grid, args, gen).to(device) if args.ibot_weight > 0 else None
+        crops = dm.multicrop(batch, gen, **dm.crop_kwargs(args))
+        masks = dm.ibot_masks(2 * B, grid, gen, **dm.mask_kwargs(args)).to(device) if args.ibot_weight > 0 else None
         return batch, crops, masks
 
     def run(student_fwd, teacher_f, batch, crops, masks):

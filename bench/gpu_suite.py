@@ -195,8 +195,8 @@ def correctness_step(args, device, dtype=torch.bfloat16, seed=0):
     B, grid = args.batch_size, args.image_size // args.patch_size
     images = dm.make_scenes("train", B, args.image_size * (2 if args.gram_hires else 1), seed)[0].to(device)
     gen = torch.Generator().manual_seed(seed)
-    crops = dm.multicrop(images, args, gen)
-    masks = dm.ibot_masks(2 * B, grid, args, gen).to(device)
+    crops = dm.multicrop(images, gen, **dm.crop_kwargs(args))
+    masks = dm.ibot_masks(2 * B, grid, gen, **dm.mask_kwargs(args)).to(device)
     student0 = dm.DINOModel(dm.build_backbone(args), args.prototypes, args.head_hidden, args.head_bottleneck,
                    args.norm_last_layer).to(device)
     sched = dm.make_schedules(args, 100)

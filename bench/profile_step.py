@@ -151,8 +151,8 @@ def main():
     def step(i):
         with torch.profiler.record_function("step::data"):
             batch = images[(torch.arange(B) + i * B) % len(images)]
-            crops = dm.multicrop(batch, args, gen)
-            masks = dm.ibot_masks(2 * B, grid, args, gen) if args.ibot_weight > 0 else None
+            crops = dm.multicrop(batch, gen, **dm.crop_kwargs(args))
+            masks = dm.ibot_masks(2 * B, grid, gen, **dm.mask_kwargs(args)) if args.ibot_weight > 0 else None
         with torch.profiler.record_function("step::losses"):
             total, _, _ = dm.compute_losses(model, teacher_fwd, gram_teacher, batch, crops, masks, 50, sched, args)
         opt.zero_grad(set_to_none=True)

@@ -351,7 +351,7 @@ def supervised(x, y, xt, yt, steps, seed=0, batch=64, lr=1e-3):
     vit.train()
     for it in range(steps):
         idx = torch.randint(len(x), (batch,), generator=gen)
-        crops = dm.multicrop(x[idx], args, gen)["globals"][:batch]
+        crops = dm.multicrop(x[idx], gen, **dm.crop_kwargs(args))["globals"][:batch]
         for gr in opt.param_groups:
             gr["lr"] = lr * min(1, (it + 1) / 30) * 0.5 * (1 + math.cos(math.pi * it / steps))
         loss = F.cross_entropy(head(vit(crops)["cls"]), y[idx])

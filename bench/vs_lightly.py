@@ -125,7 +125,7 @@ def main():
     B = a.batch_size
     images = dm.make_scenes("train", B, args.image_size)[0]
     gen = torch.Generator().manual_seed(0)
-    crops = dm.multicrop(images, args, gen)
+    crops = dm.multicrop(images, gen, **dm.crop_kwargs(args))
     g, l = crops["globals"].to(device), crops["locals"].to(device)
     ours = ours_step_fn(args, device, amp)
     theirs = lightly_step_fn(args.dim, args.depth, args.heads, args.image_size, args.patch_size, args.head_hidden,
@@ -144,7 +144,7 @@ def main():
         res["lightly"].append(B / median_time(lambda: theirs(g, l, B), a.steps, device))
         print(f"round {r}: ours {res['ours'][-1]:.2f} img/s, lightly {res['lightly'][-1]:.2f} img/s", flush=True)
     images_dev = images.to(device)  # ours runs where the training runs (on the GPU with --device cuda)
-    data_ours = B / median_time(lambda: dm.multicrop(images_dev, args, gen), 5, device)
+    data_ours = B / median_time(lambda: dm.multicrop(images_dev, gen, **dm.crop_kwargs(args)), 5, device)
     data_lightly = B / median_time(lambda: [tr(im) for im in pils], 3)
     out = {"ours_img_per_s": round(statistics.median(res["ours"]), 2),
            "lightly_img_per_s": round(statistics.median(res["lightly"]), 2),

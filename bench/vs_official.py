@@ -81,7 +81,7 @@ def main():
                                            masks_weight=col["masks_weight"])
     row("ibot_loss", dm.ibot_loss(s_patch, t_patch, masks), ref)
     args = dm.parse_args(dm.get_args_parser(), [])
-    ours = dm.ibot_masks(2 * B, grid, args, torch.Generator().manual_seed(0))
+    ours = dm.ibot_masks(2 * B, grid, torch.Generator().manual_seed(0), **dm.mask_kwargs(args))
     row("ibot_masks: sorted masked counts per crop", sorted(ours.sum(1).tolist()), sorted(masks.sum(1).tolist()))
 
     # KoLeo and Gram (the reference's GramLoss: normalised, image level, negatives kept)

@@ -1412,6 +1412,60 @@ def similarity_locality(patches, labels):
     return torch.cat(shares).mean().item(), torch.cat(chances).float().mean().item()
 
 
+def _kmeans(x, k, gen, iters=20):
+    """k-means with k-means++ seeding on points x (n, D): (centroids (k, D), labels (n,))."""
+    c = x[torch.randint(len(x), (1,), generator=gen)]
+    for _ in range(k - 1):
+        d = torch.cdist(x, c).min(1).values
+        c = torch.cat([c, x[torch.multinomial(d if d.sum() > 0 else torch.ones_like(d), 1, generator=gen)]])
+    for _ in range(iters):
+        lab = torch.cdist(x, c).argmin(1)
+        cnt = torch.bincount(lab, minlength=k)[:, None]
+        new = torch.where(cnt > 0, torch.zeros_like(c).index_add_(0, lab, x) / cnt.clamp(min=1), c)
+        if torch.allclose(new, c):
+            break
+        c = new
+    return c, torch.cdist(x, c).argmin(1)
+
+
+@torch.no_grad()
+def dense_structure(patches, group=8, local_k=3, global_k=24, seed=0):
+    """Label-free estimate of dense quality (DSE; Dai et al., "Exploring Structural Degradation in Dense
+    Representations for Self-supervised Learning", NeurIPS 2025) of patch features (B, N, D), L2-normalised.
+    With s the features' mean distance to their centre and spread(C) = sum of the centred singular values of a
+    cluster C / sqrt(max(|C| - 1, D)):
+      inter = mean distance of a patch to the nearest *other* of global_k k-means centroids of its group of
+              `group` images, / s                                          (classes apart: higher is better)
+      intra = (mean spread of those clusters + mean spread of local_k clusters within each image) / (2 s)
+      dim   = effective rank / min(B, D) of B patches, one per image at random positions, mean over N draws
+      dse   = inter + dim - intra.   Returns {"dse", "inter", "intra", "dim"}."""
+    gen = torch.Generator().manual_seed(seed)
+    x = F.normalize(patches.float(), dim=-1)
+    B, N, D = x.shape
+    s = (x - x.mean((0, 1))).norm(dim=-1).mean()
+    spread = lambda c: torch.linalg.svdvals(c - c.mean(0)).sum() / max(len(c) - 1, D) ** 0.5  # noqa: E731
+
+    def mean_spread(pts, lab, k):
+        return torch.stack([spread(pts[lab == j]) for j in range(k) if (lab == j).sum() > 1]).mean()
+    intra_img = torch.stack([mean_spread(x[b], _kmeans(x[b], local_k, gen)[1], local_k) for b in range(B)]).mean()
+    inter, intra_grp = [], []
+    for g in range(0, B, group):
+        pts = x[g:g + group].reshape(-1, D)  # (group * N, D)
+        c, lab = _kmeans(pts, global_k, gen)
+        d = torch.cdist(pts, c)
+        d[torch.arange(len(pts)), lab] = float("inf")  # the nearest centroid other than its own
+        inter.append(d.min(1).values.mean())
+        intra_grp.append(mean_spread(pts, lab, global_k))
+    perm = torch.argsort(torch.rand(B, N, generator=gen), dim=1)
+    shuffled = x[torch.arange(B)[:, None], perm]  # (B, N, D): each image's patches in a random order
+    p = torch.linalg.svdvals(shuffled.transpose(0, 1))  # (N, min(B, D)) one draw of B patches per row
+    p = p / p.sum(1, keepdim=True) + 1e-12
+    dim = (torch.exp(-(p * p.log()).sum(1)) / min(B, D)).mean()
+    out = {"inter": (torch.stack(inter).mean() / s).item(), "dim": dim.item(),
+           "intra": ((torch.stack(intra_grp).mean() + intra_img) / (2 * s)).item()}
+    return {"dse": out["inter"] + out["dim"] - out["intra"], **out}
+
+
 def analyze(tok, labels=None, masks=None):
     """Every number of the two failures from collect_tokens' output; labels (N,) and masks (N,S,S) when the
     dataset has them (mask-based figures need `scenes`). Returns (metrics, per-token details for plots)."""
@@ -1435,6 +1489,7 @@ def analyze(tok, labels=None, masks=None):
          "register_cls_attention_share": cls_attn[:, 1:1 + R].sum(1).mean().item() if R else None,
          "patch_cls_cosine": cos_cls.mean().item(),
          "patch_effective_rank": effective_rank(tok["patches"].flatten(0, 1)),
+         "dse": dense_structure(tok["patches"][:64])["dse"],  # label-free dense quality, on 64 images
          "outlier_cls_attention_share": None, "outlier_cls_cosine": None, "normal_cls_cosine": None,
          "outlier_knn_acc": None, "normal_patch_knn_acc": None, "outlier_background_share": None,
          "dense_miou": None, "dense_fg_miou": None, "similarity_locality": None,
@@ -1479,7 +1534,7 @@ def analyze(tok, labels=None, masks=None):
 
 INSTRUMENTS_LOGGED = ("dense_miou", "dense_fg_miou", "similarity_locality", "outlier_fraction", "patch_norm_median",
                       "patch_norm_max_ratio", "patch_norm_bimodality", "patch_write_median", "patch_write_max",
-                      "register_norm_mean", "patch_effective_rank", "patch_cls_cosine")
+                      "register_norm_mean", "patch_effective_rank", "patch_cls_cosine", "dse")
 
 
 def eval_instruments(backbone, x_test, y_test, test_masks, args, device):

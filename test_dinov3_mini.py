@@ -997,6 +997,27 @@ def test_effective_rank_of_rank_r_features():
         assert 0.8 * r <= m.effective_rank(x) <= r + 0.01  # float32 round-off adds a hair
 
 
+def test_dense_structure_terms():
+    # DSE = inter + dim - intra (Dai et al. 2025). One direction per image, B orthonormal ones: every draw of one
+    # patch per image has effective rank B (dim = 1) and no cluster has any spread (intra = 0)
+    B, N, D = 8, 16, 16
+    onehot = torch.eye(D)[:B, None, :].expand(B, N, D)
+    r = m.dense_structure(3 * onehot, group=4, local_k=2, global_k=4)
+    assert abs(r["dim"] - 1) < 1e-4 and abs(r["intra"]) < 1e-4, r
+    # tight clusters spread less than noise; a collapsed field (one direction) has dim near 1 / min(B, D)
+    # and the lowest DSE; the measure does not depend on the features' scale
+    g = torch.Generator().manual_seed(0)
+    B = 16
+    centres = torch.randn(4, D, generator=g)
+    clustered = centres[torch.randint(4, (B, N), generator=g)] + 0.05 * torch.randn(B, N, D, generator=g)
+    noise = torch.randn(B, N, D, generator=g)
+    collapsed = torch.randn(D, generator=g) + 0.01 * torch.randn(B, N, D, generator=g)
+    c, n, k = (m.dense_structure(z, group=4, global_k=8) for z in (clustered, noise, collapsed))
+    assert c["intra"] < 0.5 * n["intra"] and k["dim"] < 0.1 < n["dim"], (c, n, k)
+    assert k["dse"] < min(c["dse"], n["dse"])
+    assert abs(m.dense_structure(10 * noise, group=4, global_k=8)["dse"] - n["dse"]) < 1e-4
+
+
 def test_similarity_locality_and_patch_labels():
     masks = torch.zeros(2, 8, 8, dtype=torch.uint8)
     masks[:, :4, :4] = 3  # one object in the top-left quarter
@@ -1014,12 +1035,14 @@ def test_analyze_command_writes_pictures_and_every_metric(tmp_path, capsys):
     m.main(TINY + ["--epochs", "1", "--out-dir", out, "--analyze-images", "64"])
     rec = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))][-1]
     assert rec["type"] == "eval" and 0 <= rec["dense_miou"] <= 1 and rec["outlier_fraction"] is not None
+    assert isinstance(rec["dse"], float)
     metrics = m.main(["--analyze", out, "--analyze-images", "64"])
     saved = json.load(open(os.path.join(out, "analysis", "metrics.json")))
     for k in ("outlier_fraction", "outlier_background_share", "outlier_cls_attention_share", "register_norm_mean",
               "patch_norm_median", "dense_miou", "patch_effective_rank", "patch_cls_cosine", "similarity_locality"):
         assert k in saved and k in metrics
-    for k in ("dense_miou", "patch_effective_rank", "patch_cls_cosine", "similarity_locality", "register_norm_mean"):
+    for k in ("dense_miou", "patch_effective_rank", "patch_cls_cosine", "similarity_locality", "register_norm_mean",
+              "dse"):
         assert isinstance(saved[k], float)
     for name in ("norm_hist", "norms_per_layer", "norm_maps", "cls_attention", "register_attention",
                  "pca_similarity"):

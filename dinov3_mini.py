@@ -1413,7 +1413,8 @@ def similarity_locality(patches, labels):
 
 
 def _kmeans(x, k, gen, iters=20):
-    """k-means with k-means++ seeding on points x (n, D): (centroids (k, D), labels (n,))."""
+    """k-means with k-means++ seeding on points x (n, D): (centroids (k, D), labels (n,)); k <= n."""
+    k = min(k, len(x))
     c = x[torch.randint(len(x), (1,), generator=gen)]
     for _ in range(k - 1):
         d = torch.cdist(x, c).min(1).values
@@ -1445,8 +1446,9 @@ def dense_structure(patches, group=8, local_k=3, global_k=24, seed=0):
     s = (x - x.mean((0, 1))).norm(dim=-1).mean()
     spread = lambda c: torch.linalg.svdvals(c - c.mean(0)).sum() / max(len(c) - 1, D) ** 0.5  # noqa: E731
 
-    def mean_spread(pts, lab, k):
-        return torch.stack([spread(pts[lab == j]) for j in range(k) if (lab == j).sum() > 1]).mean()
+    def mean_spread(pts, lab, k):  # a cluster of one point has no spread
+        s = [spread(pts[lab == j]) for j in range(k) if (lab == j).sum() > 1]
+        return torch.stack(s).mean() if s else x.new_zeros(())
     intra_img = torch.stack([mean_spread(x[b], _kmeans(x[b], local_k, gen)[1], local_k) for b in range(B)]).mean()
     inter, intra_grp = [], []
     for g in range(0, B, group):
@@ -1454,14 +1456,15 @@ def dense_structure(patches, group=8, local_k=3, global_k=24, seed=0):
         c, lab = _kmeans(pts, global_k, gen)
         d = torch.cdist(pts, c)
         d[torch.arange(len(pts)), lab] = float("inf")  # the nearest centroid other than its own
-        inter.append(d.min(1).values.mean())
+        if len(c) > 1:
+            inter.append(d.min(1).values.mean())
         intra_grp.append(mean_spread(pts, lab, global_k))
     perm = torch.argsort(torch.rand(B, N, generator=gen), dim=1)
     shuffled = x[torch.arange(B)[:, None], perm]  # (B, N, D): each image's patches in a random order
     p = torch.linalg.svdvals(shuffled.transpose(0, 1))  # (N, min(B, D)) one draw of B patches per row
     p = p / p.sum(1, keepdim=True) + 1e-12
     dim = (torch.exp(-(p * p.log()).sum(1)) / min(B, D)).mean()
-    out = {"inter": (torch.stack(inter).mean() / s).item(), "dim": dim.item(),
+    out = {"inter": (torch.stack(inter).mean() / s).item() if inter else 0.0, "dim": dim.item(),
            "intra": ((torch.stack(intra_grp).mean() + intra_img) / (2 * s)).item()}
     return {"dse": out["inter"] + out["dim"] - out["intra"], **out}
 

@@ -1016,6 +1016,8 @@ def test_dense_structure_terms():
     assert c["intra"] < 0.5 * n["intra"] and k["dim"] < 0.1 < n["dim"], (c, n, k)
     assert k["dse"] < min(c["dse"], n["dse"])
     assert abs(m.dense_structure(10 * noise, group=4, global_k=8)["dse"] - n["dse"]) < 1e-4
+    # fewer patches than clusters (one 4x4 image): one-point clusters have no spread, nothing fails
+    assert math.isfinite(m.dense_structure(torch.randn(1, 16, 8, generator=g))["dse"])
 
 
 def test_similarity_locality_and_patch_labels():

@@ -1709,6 +1709,7 @@ def plot_log(out_dir):
     recs = [json.loads(line) for line in open(path) if line.strip()]
     steps = [r for r in recs if r["type"] == "step"]
     evals = [r for r in recs if r["type"] == "eval"]
+    from matplotlib.ticker import MaxNLocator
     fig = Figure(figsize=(18, 3.8))
     ax = fig.subplots(1, 4)
     for key, a, lab in (("knn_acc", ax[0], "k-NN accuracy (CLS)"), ("dense_miou", ax[1], "dense-probe mIoU"),
@@ -1717,19 +1718,39 @@ def plot_log(out_dir):
                         ("outlier_fraction", ax[2], "outlier fraction")):
         pts = [(r["epoch"], r[key]) for r in evals if r.get(key) is not None]
         if pts:
-            a.plot(*zip(*pts), "o-", label=lab)
+            a.plot(*zip(*pts), "o-", ms=7 if len(pts) == 1 else 4, label=lab)
+            if len(pts) == 1:  # a single evaluation: its value written beside the point
+                a.annotate(f"{pts[0][1]:.4g}", pts[0], xytext=(8, 0), textcoords="offset points", va="center",
+                           fontsize=8)
     ax[0].set_title("global quality")
     ax[1].set_title("dense quality")
     ax[2].set_title("high-norm outlier patch tokens")
+    ax[3].set_title("collapse signatures (1 = uniform)")
     if steps:
         e = [r["epoch"] for r in steps]
-        ax[3].plot(e, [r["dino_over_lnK"] for r in steps], label="DINO loss / ln K")
+        sty = "o-" if len(steps) <= 30 else "-"  # a few records (or one): markers, so that single points show
+        ax[3].plot(e, [r["dino_over_lnK"] for r in steps], sty, ms=4, label="DINO loss / ln K")
         lnk = steps[0]["dino"] / steps[0]["dino_over_lnK"]
-        ax[3].plot(e, [r["teacher_entropy"] / lnk for r in steps], label="teacher entropy / ln K")
-        ax[3].set_title("collapse signatures (1 = uniform)")
-    for a in ax:
+        ax[3].plot(e, [r["teacher_entropy"] / lnk for r in steps], sty, ms=4, label="teacher entropy / ln K")
+    for i, a in enumerate(ax):
         a.set_xlabel("epoch")
-        a.legend(fontsize=8)
+        if not a.lines:  # nothing logged for this panel: say so rather than draw empty axes
+            a.text(0.5, 0.5, "no training steps in log.jsonl" if i == 3 else "no evaluation in log.jsonl",
+                   ha="center", va="center", transform=a.transAxes, color="0.4")
+            a.set_xticks([]), a.set_yticks([])
+            continue
+        xs = sorted({float(x) for line in a.lines for x in line.get_xdata()})
+        if i < 3 or len(xs) == 1:
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))  # evaluations happen at whole epochs
+        if len(xs) == 1:  # one x: a window around it instead of matplotlib's +-5% of the value
+            a.set_xlim(xs[0] - 1, xs[0] + 1)
+            ys = [float(y) for line in a.lines for y in line.get_ydata()]
+            lo, hi = min(ys), max(ys)
+            top = hi * 1.5 if hi > 0 else 1e-3  # room above the points for the legend
+            a.set_ylim(min(0.0, lo) - 0.03 * top, top)  # from zero (the values are rates and ratios), a zero visible
+            a.legend(fontsize=8, loc="upper left")
+        else:
+            a.legend(fontsize=8)
     fig.suptitle(f"training log of {out_dir}")
     fig.tight_layout()
     out = os.path.join(out_dir, "analysis", "log.png")

@@ -3,6 +3,7 @@
     python bench/results.py                 # every run below that is missing, then assets/results.json + PNGs
     python bench/results.py --only storage  # just the register sweep (or: collapse)
     python bench/results.py --seeds 1       # fewer seeds (docs/results.md has 3)
+    python bench/results.py --redraw        # collapse_curves.png again from assets/results.json, nothing run
 
 Runs go to --runs-dir (default runs/results/<name>); a folder that already holds a finished run with the
 same configuration is reused, so an interrupted sweep continues where it stopped. Every run is plain
@@ -208,26 +209,40 @@ def collapse(runs_dir, assets):
     return res
 
 
+MARKERS = {"collapse_base": "o", "collapse_gram_early": "s", "collapse_gram_late": "^"}  # one shape per recipe
+
+
 def draw_curves(res, path):
+    """k-NN and dense quality per epoch of the collapse runs. Runs that coincide (gram_late is the baseline until
+    its Gram anchoring starts) stay visible: each recipe has its own marker shape, each run a small x offset."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(16, 3.8))
+    fig = Figure(figsize=(16, 4.4))
     ax = fig.subplots(1, 4)
+    names = list(res)
+    width = 0.3  # total spread of the x offsets, in epochs
     for a, (k, lab) in zip(ax, (("knn_acc", "k-NN accuracy (CLS)"), ("dense_fg_miou", "object/background probe mIoU"),
                                 ("dense_miou", "11-class dense probe mIoU"), ("similarity_locality", "similarity locality"))):
-        for name, r in res.items():
+        for n_run, (name, r) in enumerate(res.items()):
             seed1 = name.endswith("_s1")
-            color = f"C{list(COLLAPSE).index(name[:-3] if seed1 else name)}"  # a seed-1 run: its seed-0 twin's colour
-            a.plot(r["epochs"], r[k], "o--" if seed1 else "o-", ms=3, color=color,
+            base = name[:-3] if seed1 else name
+            color = f"C{list(COLLAPSE).index(base)}"  # a seed-1 run: its seed-0 twin's colour
+            dx = (n_run - (len(names) - 1) / 2) * width / max(len(names) - 1, 1)
+            a.plot([e + dx for e in r["epochs"]], r[k], ls="--" if seed1 else "-", marker=MARKERS.get(base, "o"),
+                   ms=6, color=color, mfc="none" if seed1 else color, lw=1.2, alpha=0.9,
                    label=name.replace("collapse_", "").replace("_s1", ", seed 1"))
         lo, hi = a.get_ylim()
         mid = (lo + hi) / 2
         a.set_ylim(min(lo, mid - 0.05), max(hi, mid + 0.05))  # at least 0.1 tall: no wiggle drawn as a trend
+        a.set_xticks(sorted({e for r in res.values() for e in r["epochs"]}))
         a.set_title(lab)
-        a.set_xlabel("epoch")
-        a.legend(fontsize=8)
-    fig.suptitle("Signal: --preset collapse (nano ViT, 4 registers, LayerScale off, lr 1e-2; 10k scenes, 3 epochs): "
-                 "baseline and Gram anchoring (Gram teacher: EMA teacher of epoch 1, or 2 for gram_late); dashed: seed 1")
-    fig.tight_layout()
+        a.set_xlabel("epoch (runs drawn slightly apart)")
+        a.legend(fontsize=7)
+    fig.suptitle("Signal: --preset collapse, baseline vs Gram anchoring", fontsize=12, y=0.99)
+    fig.text(0.5, 0.925, "nano ViT, 4 registers, LayerScale off, lr 1e-2; 10k scenes, 3 epochs. Gram teacher: the EMA "
+             "teacher of epoch 1 (gram_early) or 2 (gram_late; identical to the baseline until then).\n"
+             "Dashed, hollow markers: seed 1. Each run is shifted a little along x so that coinciding curves stay "
+             "visible.", ha="center", va="top", fontsize=8.5, wrap=True)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")
 
@@ -391,6 +406,17 @@ def draw_learnable(runs, screens, path):
     print(f"wrote {path}")
 
 
+def redraw(assets):
+    """The pictures that results.json alone holds the data for (collapse_curves.png), drawn again from it."""
+    path = os.path.join(assets, "results.json")
+    if not os.path.exists(path):
+        sys.exit(f"--redraw: there is no {path}")
+    runs = json.load(open(path)).get("collapse", {}).get("runs")
+    if not runs:
+        sys.exit(f"--redraw: {path} has no collapse runs")
+    draw_curves(runs, os.path.join(assets, "collapse_curves.png"))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "results"), help="Where the runs go (one "
@@ -402,7 +428,12 @@ def main():
     p.add_argument("--registers", type=int, nargs="+", default=list(REGISTERS), help="Register counts to run "
                    "now; the others keep their entries of an existing results.json.")
     p.add_argument("--no-train", action="store_true", help="Measure only the runs that exist; train nothing.")
+    p.add_argument("--redraw", action="store_true", help="Redraw collapse_curves.png from the stored "
+                   "results.json in --assets; run and measure nothing.")
     a = p.parse_args()
+    if a.redraw:
+        redraw(a.assets)
+        return
     global NO_TRAIN
     NO_TRAIN = a.no_train
     os.makedirs(a.assets, exist_ok=True)

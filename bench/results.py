@@ -133,39 +133,69 @@ def storage(runs_dir, registers, seeds, assets, table):
 
 
 def draw_storage(folders, path, n_maps=4):
-    """Rows: 0 and 4 registers (seed 0). Columns: norm histogram (log), then norm maps of the images whose
-    largest patch norm is highest."""
+    """folders: {registers: run folder} (0 and 4 registers, seed 0). Top row: the same n_maps test images for
+    every run, those whose largest patch norm is highest in the run with the most outliers. Then one row per
+    run: its norm histogram (log) and the patch-norm map of each of those images (one colour scale per row,
+    outlier patches ringed)."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(3.2 * (n_maps + 2), 3.4 * len(folders)))
-    ax = fig.subplots(len(folders), n_maps + 2, squeeze=False)
-    for row, (r, out) in enumerate(folders.items()):
+    C = dm.TOKEN_COLORS
+    runs = {}
+    for r, out in folders.items():
         backbone, args, _ = dm.load_teacher(out)
         tok, d, m, images, _ = tokens(backbone, args)
+        runs[r] = (tok, d, m, images)
+    first = next(iter(runs.values()))[3]
+    for r, (_, _, _, images) in runs.items():  # the runs must see the same test images for a column to compare
+        if images.shape != first.shape or not torch.equal(images, first):
+            raise ValueError(f"draw_storage: the run with {r} registers has other test images than the first run")
+    worst = max(runs, key=lambda r: runs[r][2]["outlier_fraction"])  # ties: the first (0 registers)
+    order = runs[worst][1]["patch_norms"].max(1).values.argsort(descending=True)[:n_maps].tolist()
+    allv = torch.cat([torch.cat([d["patch_norms"].flatten(), d["register_norms"].flatten(), d["cls_norms"].flatten()])
+                      for _, d, _, _ in runs.values()])
+    bins = torch.logspace(float(allv.clamp_min(1e-6).min().log10()), float((allv.max() * 1.01).log10()), 81).numpy()
+
+    fig = Figure(figsize=(3.0 * n_maps + 5.5, 3.0 * (len(runs) + 1)))
+    gs = fig.add_gridspec(len(runs) + 1, n_maps + 2, width_ratios=[5.5] + [3.0] * n_maps + [0.25])
+    for j, i in enumerate(order):
+        a = fig.add_subplot(gs[0, 1 + j])
+        a.imshow(first[i].permute(1, 2, 0).numpy())
+        a.set_title(f"test image {i}", fontsize=10)
+        a.set_xticks([]), a.set_yticks([])
+    note = fig.add_subplot(gs[0, 0])
+    note.axis("off")
+    note.text(0.5, 0.5, f"The same {len(order)} test images in every row:\nthose with the highest patch norm\n"
+              f"in the {worst}-register run.\nBelow: each run's patch-norm map\n(one colour scale per row;\n"
+              "rings: outlier patches).", ha="center", va="center", fontsize=10)
+    for row, (r, (tok, d, m, _)) in enumerate(runs.items(), start=1):
         pn, g = d["patch_norms"], tok["grid"][0]
-        a = ax[row, 0]
-        a.hist(pn.flatten().numpy(), bins=80, log=True, alpha=0.7, label="patch tokens")
+        a = fig.add_subplot(gs[row, 0])
+        a.hist(pn.flatten().numpy(), bins=bins, log=True, alpha=0.7, color=C["patch"], label="patch tokens")
+        if d["outliers"].any():
+            a.hist(pn[d["outliers"]].numpy(), bins=bins, log=True, alpha=0.9, color=C["outlier"],
+                   label="outlier patches")
         if d["register_norms"].numel():
-            a.hist(d["register_norms"].flatten().numpy(), bins=80, log=True, alpha=0.7, label="registers")
-        a.hist(d["cls_norms"].numpy(), bins=80, log=True, alpha=0.7, label="CLS")
+            a.hist(d["register_norms"].flatten().numpy(), bins=bins, log=True, alpha=0.7, color=C["register"],
+                   label="registers")
+        a.hist(d["cls_norms"].numpy(), bins=bins, log=True, alpha=0.7, color=C["CLS"], label="CLS")
         a.axvline(2 * m["patch_norm_median"], color="k", ls="--", lw=1, label="outlier floor (2 x median)")
-        a.set_xlabel("output token norm (last block, before the final norm)")
+        a.set_xscale("log")
+        a.set_xlabel("output token norm (last block, before the final norm)", fontsize=8)
         a.set_ylabel("tokens (log)")
-        a.set_title(f"{r} registers: outliers {m['outlier_fraction']:.2%}\nbimodality "
+        a.set_title(f"{r} registers: outliers {m['outlier_fraction']:.2%}, bimodality "
                     f"{m['patch_norm_bimodality']:.2f}, max/median {m['patch_norm_max_ratio']:.1f}", fontsize=9)
         a.legend(fontsize=7)
-        order = pn.max(1).values.argsort(descending=True)[:n_maps]
-        vmax = pn.max().item()
-        for j, i in enumerate(order.tolist()):
-            ax[row, 1 + j].imshow(images[i].permute(1, 2, 0).numpy())
-            ax[row, 1 + j].set_title(f"{r} reg: test image {i}", fontsize=8)
-            ax[row, 1 + j].set_xticks([]), ax[row, 1 + j].set_yticks([])
-        im = ax[row, -1].imshow(pn[order].reshape(-1, g, g).transpose(0, 1).reshape(g, -1).numpy(), cmap="viridis",
-                                vmin=0, vmax=vmax, interpolation="nearest")
-        ax[row, -1].set_title("their patch norms, side by side\n(same colour scale per row)", fontsize=8)
-        ax[row, -1].set_xticks([]), ax[row, -1].set_yticks([])
-        fig.colorbar(im, ax=ax[row, -1], fraction=0.046, pad=0.02)
-    fig.suptitle("Storage: output norms of a nano ViT trained with --preset artifacts, 0 vs 4 registers (EMA teacher, "
-                 "1000 test images)")
+        vmax = pn[order].max().item()
+        for j, i in enumerate(order):
+            a = fig.add_subplot(gs[row, 1 + j])
+            im = a.imshow(pn[i].reshape(g, g).numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+            yx = d["outliers"][i].reshape(g, g).nonzero()
+            if len(yx):
+                a.plot(yx[:, 1].numpy(), yx[:, 0].numpy(), "o", ms=9, mfc="none", mec=C["outlier"], mew=2)
+            a.set_title(f"{r} reg: patch norms, image {i}", fontsize=9)
+            a.set_xticks([]), a.set_yticks([])
+        fig.colorbar(im, cax=fig.add_subplot(gs[row, -1])).set_label("patch norm", fontsize=8)
+    fig.suptitle("Storage: output norms of a nano ViT trained with --preset artifacts, "
+                 f"{' vs '.join(str(r) for r in runs)} registers\n(EMA teacher, {len(first)} test images)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")

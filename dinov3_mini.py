@@ -1627,7 +1627,8 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
                           details["register_norms"]), ("CLS", "CLS", details["cls_norms"]),
                           ("outlier", "outlier patch tokens", out_v)):
         if v.numel():  # one fixed colour per kind of token, whatever the number of registers
-            ax.hist(v.flatten().numpy(), bins=bins, alpha=0.6, label=name, log=True, color=TOKEN_COLORS[kind])
+            ax.hist(v.flatten().numpy(), bins=bins, alpha=0.9 if kind == "outlier" else 0.6, label=name, log=True,
+                    color=TOKEN_COLORS[kind])  # the outliers drawn over the patch bulk, nearly opaque
     ax.set_xscale("log")  # registers/CLS and artifacts can sit decades away from the patch bulk
     thr = metrics["patch_norm_median"]
     ax.axvline(2 * thr, color="k", ls="--", lw=1, label="2 x patch median (outlier floor)")

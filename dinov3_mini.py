@@ -1334,6 +1334,8 @@ def collect_tokens(backbone, images, image_size, device, batch=128):
 # so a smaller k flags healthy tails; the factor-2 floor guards against a very tight bulk (small MAD).
 # Artifacts in the registers paper sit 3-10x above the median, far beyond both bars.
 OUTLIER_K = 6.0
+# one colour per kind of token in every picture (norm histograms, norms through depth, outlier maps)
+TOKEN_COLORS = {"patch": "tab:blue", "CLS": "tab:red", "register": "tab:green", "outlier": "tab:orange"}
 
 
 def find_outliers(norms, k=OUTLIER_K):
@@ -1576,14 +1578,28 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
         fig.savefig(os.path.join(out_dir, name), dpi=80)
         paths.append(os.path.join(out_dir, name))
 
-    def grid_fig(rows, name, suptitle, row_titles, cmap_rows, marks=None):
+    def grid_fig(rows, name, suptitle, row_titles, cmap_rows, marks=None, shared=False, blank=None, no_bar=(),
+                 ref=None):
+        """One column per image: the image, then one row per map. shared: one colour scale (and one colour bar)
+        for all maps; else each map has its own. blank: {row: (per-image bools, text)} writes text instead of
+        the map where the bool is True (e.g. an outlier map without outliers); no_bar: rows without colour bar;
+        ref: (value, label) marked on the shared colour bar."""
         fig = Figure(figsize=(2 * n_show, 2.1 * (len(rows) + 1)))
         ax = fig.subplots(len(rows) + 1, n_show, squeeze=False)
+        lims = {}
+        if shared:
+            lims = {"vmin": min(float(v.min()) for v in rows), "vmax": max(float(v.max()) for v in rows)}
+        im = None
         for j in range(len(order)):
             ax[0, j].imshow(pics[j])
             for r, (vals, cmap) in enumerate(zip(rows, cmap_rows)):
-                im = ax[r + 1, j].imshow(vals[j], cmap=cmap, **({} if cmap is None else {"interpolation": "nearest"}))
-                if cmap is not None:
+                if blank is not None and r in blank and blank[r][0][j]:
+                    ax[r + 1, j].text(0.5, 0.5, blank[r][1], ha="center", va="center", fontsize=10,
+                                      transform=ax[r + 1, j].transAxes)
+                    continue
+                im = ax[r + 1, j].imshow(vals[j], cmap=cmap, **({} if cmap is None else {"interpolation": "nearest"}),
+                                         **lims)
+                if cmap is not None and not shared and r not in no_bar:
                     fig.colorbar(im, ax=ax[r + 1, j], fraction=0.046, pad=0.02)
                 if marks is not None:  # the query patch of a similarity map
                     ax[r + 1, j].plot(int(marks[j]) % g, int(marks[j]) // g, "kx", ms=8, mew=2)
@@ -1593,17 +1609,29 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
         for r, t in enumerate(row_titles):
             ax[r + 1, 0].set_ylabel(t)
         fig.suptitle(f"{suptitle}\n{title}")
-        save(fig, name)
+        fig.tight_layout()
+        if shared and im is not None:  # one bar in a margin of its own, after tight_layout
+            fig.subplots_adjust(right=0.9)
+            top = ax[1, 0].get_position().y1
+            cb = fig.colorbar(im, cax=fig.add_axes([0.92, 0.04, 0.015, top - 0.04]))
+            if ref is not None:  # e.g. the value of uniform attention, marked on the bar
+                cb.ax.axhline(ref[0], color="c", lw=2)
+                cb.set_label(ref[1])
+        fig.savefig(os.path.join(out_dir, name), dpi=80)
+        paths.append(os.path.join(out_dir, name))
 
     # 1. norm histogram: patch vs register vs CLS output norms (log counts: outliers are rare)
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     allv = torch.cat([details[k].flatten() for k in ("patch_norms", "register_norms", "cls_norms")])
     bins = torch.logspace(math.log10(max(allv.min().item(), 1e-6)), math.log10(allv.max().item() * 1.01), 81).numpy()
-    for name, v in (("patch tokens", details["patch_norms"]), ("registers", details["register_norms"]),
-                    ("CLS", details["cls_norms"])):
-        if v.numel():
-            ax.hist(v.flatten().numpy(), bins=bins, alpha=0.6, label=name, log=True)
+    out_v = details["patch_norms"][details["outliers"]]
+    for kind, name, v in (("patch", "patch tokens", details["patch_norms"]), ("register", "registers",
+                          details["register_norms"]), ("CLS", "CLS", details["cls_norms"]),
+                          ("outlier", "outlier patch tokens", out_v)):
+        if v.numel():  # one fixed colour per kind of token, whatever the number of registers
+            ax.hist(v.flatten().numpy(), bins=bins, alpha=0.9 if kind == "outlier" else 0.6, label=name, log=True,
+                    color=TOKEN_COLORS[kind])  # the outliers drawn over the patch bulk, nearly opaque
     ax.set_xscale("log")  # registers/CLS and artifacts can sit decades away from the patch bulk
     thr = metrics["patch_norm_median"]
     ax.axvline(2 * thr, color="k", ls="--", lw=1, label="2 x patch median (outlier floor)")
@@ -1618,11 +1646,12 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
     ax = fig.subplots()
     L = tok["norms"].shape[0]
     pn = tok["norms"][:, :, 1 + R:]
-    ax.plot(range(L), pn.flatten(1).median(1).values, "o-", label="patch median")
-    ax.plot(range(L), pn.flatten(1).max(1).values, "o--", label="patch max")
-    ax.plot(range(L), tok["norms"][:, :, 0].mean(1), "s-", label="CLS mean")
+    ax.plot(range(L), pn.flatten(1).median(1).values, "o-", color=TOKEN_COLORS["patch"], label="patch median")
+    ax.plot(range(L), pn.flatten(1).max(1).values, "o--", color=TOKEN_COLORS["patch"], label="patch max")
+    ax.plot(range(L), tok["norms"][:, :, 0].mean(1), "s-", color=TOKEN_COLORS["CLS"], label="CLS mean")
     if R:
-        ax.plot(range(L), tok["norms"][:, :, 1:1 + R].flatten(1).mean(1), "^-", label="register mean")
+        ax.plot(range(L), tok["norms"][:, :, 1:1 + R].flatten(1).mean(1), "^-", color=TOKEN_COLORS["register"],
+                label="register mean")
     ax.set_xlabel("layer (0 = input to block 1)")
     ax.set_ylabel("token norm")
     ax.set_yscale("log")
@@ -1632,8 +1661,13 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
     # 3. norm maps and outliers over the patch grid
     nm = details["patch_norms"][order].reshape(-1, g, g).numpy()
     om = details["outliers"][order].reshape(-1, g, g).float().numpy()
-    grid_fig([nm, om], "norm_maps.png", "Output norm of each patch token, and the outliers (1)",
-             ["norm", "outlier"], ["viridis", "gray"])
+    from matplotlib.colors import ListedColormap
+    om_show = om.copy()
+    om_show[om_show == 0] = float("nan")  # not drawn: only the outlier patches are coloured
+    grid_fig([nm, om_show], "norm_maps.png",
+             "Output norm of each patch token, and the outlier patches (coloured; white: not an outlier)",
+             ["norm", "outlier"], ["viridis", ListedColormap([TOKEN_COLORS["outlier"]])], no_bar={1},
+             blank={1: (om.reshape(len(om), -1).sum(1) == 0, "no outlier")})
     # 4. CLS attention per head (last layer) and the registers' attention
     ca = tok["attn"][order][:, :, 1 + R:].reshape(len(order), -1, g, g)  # (n, heads, g, g)
     grid_fig([ca[:, h].numpy() for h in range(ca.shape[1])], "cls_attention.png",
@@ -1641,9 +1675,12 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
              ["inferno"] * ca.shape[1])
     if R:
         ra = tok["reg_attn"][order][:, :, 1 + R:].reshape(len(order), R, g, g)
+        T = tok["reg_attn"].shape[-1]  # the tokens a register attends to: CLS, registers and patches
         grid_fig([ra[:, r].numpy() for r in range(R)], "register_attention.png",
-                 "Last-layer attention of each register over the patches (mean over heads)",
-                 [f"register {r}" for r in range(R)], ["inferno"] * R)
+                 f"Last-layer attention of each register over the patches (mean over heads; one colour scale); "
+                 f"uniform attention would be 1/T = 1/{T} = {1 / T:.4f}",
+                 [f"register {r}" for r in range(R)], ["inferno"] * R, shared=True,
+                 ref=(1 / T, "attention weight (cyan line: uniform, 1/T)"))
     # 5. PCA of patch features as RGB, and similarity maps from a query patch on the object
     pca = _pca_rgb(tok["patches"][order], fit=tok["patches"][:256]).reshape(len(order), g, g, 3).numpy()
     f = F.normalize(tok["patches"][order], dim=-1)
@@ -1676,6 +1713,7 @@ def plot_log(out_dir):
     recs = [json.loads(line) for line in open(path) if line.strip()]
     steps = [r for r in recs if r["type"] == "step"]
     evals = [r for r in recs if r["type"] == "eval"]
+    from matplotlib.ticker import MaxNLocator
     fig = Figure(figsize=(18, 3.8))
     ax = fig.subplots(1, 4)
     for key, a, lab in (("knn_acc", ax[0], "k-NN accuracy (CLS)"), ("dense_miou", ax[1], "dense-probe mIoU"),
@@ -1684,19 +1722,39 @@ def plot_log(out_dir):
                         ("outlier_fraction", ax[2], "outlier fraction")):
         pts = [(r["epoch"], r[key]) for r in evals if r.get(key) is not None]
         if pts:
-            a.plot(*zip(*pts), "o-", label=lab)
+            a.plot(*zip(*pts), "o-", ms=7 if len(pts) == 1 else 4, label=lab)
+            if len(pts) == 1:  # a single evaluation: its value written beside the point
+                a.annotate(f"{pts[0][1]:.4g}", pts[0], xytext=(8, 0), textcoords="offset points", va="center",
+                           fontsize=8)
     ax[0].set_title("global quality")
     ax[1].set_title("dense quality")
     ax[2].set_title("high-norm outlier patch tokens")
+    ax[3].set_title("collapse signatures (1 = uniform)")
     if steps:
         e = [r["epoch"] for r in steps]
-        ax[3].plot(e, [r["dino_over_lnK"] for r in steps], label="DINO loss / ln K")
+        sty = "o-" if len(steps) <= 30 else "-"  # a few records (or one): markers, so that single points show
+        ax[3].plot(e, [r["dino_over_lnK"] for r in steps], sty, ms=4, label="DINO loss / ln K")
         lnk = steps[0]["dino"] / steps[0]["dino_over_lnK"]
-        ax[3].plot(e, [r["teacher_entropy"] / lnk for r in steps], label="teacher entropy / ln K")
-        ax[3].set_title("collapse signatures (1 = uniform)")
-    for a in ax:
+        ax[3].plot(e, [r["teacher_entropy"] / lnk for r in steps], sty, ms=4, label="teacher entropy / ln K")
+    for i, a in enumerate(ax):
         a.set_xlabel("epoch")
-        a.legend(fontsize=8)
+        if not a.lines:  # nothing logged for this panel: say so rather than draw empty axes
+            a.text(0.5, 0.5, "no training steps in log.jsonl" if i == 3 else "no evaluation in log.jsonl",
+                   ha="center", va="center", transform=a.transAxes, color="0.4")
+            a.set_xticks([]), a.set_yticks([])
+            continue
+        xs = sorted({float(x) for line in a.lines for x in line.get_xdata()})
+        if i < 3 or len(xs) == 1:
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))  # evaluations happen at whole epochs
+        if len(xs) == 1:  # one x: a window around it instead of matplotlib's +-5% of the value
+            a.set_xlim(xs[0] - 1, xs[0] + 1)
+            ys = [float(y) for line in a.lines for y in line.get_ydata()]
+            lo, hi = min(ys), max(ys)
+            top = hi * 1.5 if hi > 0 else 1e-3  # room above the points for the legend
+            a.set_ylim(min(0.0, lo) - 0.03 * top, top)  # from zero (the values are rates and ratios), a zero visible
+            a.legend(fontsize=8, loc="upper left")
+        else:
+            a.legend(fontsize=8)
     fig.suptitle(f"training log of {out_dir}")
     fig.tight_layout()
     out = os.path.join(out_dir, "analysis", "log.png")

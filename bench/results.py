@@ -3,6 +3,7 @@
     python bench/results.py                 # every run below that is missing, then assets/results.json + PNGs
     python bench/results.py --only storage  # just the register sweep (or: collapse)
     python bench/results.py --seeds 1       # fewer seeds (docs/results.md has 3)
+    python bench/results.py --redraw        # collapse_curves.png again from assets/results.json, nothing run
 
 Runs go to --runs-dir (default runs/results/<name>); a folder that already holds a finished run with the
 same configuration is reused, so an interrupted sweep continues where it stopped. Every run is plain
@@ -132,39 +133,69 @@ def storage(runs_dir, registers, seeds, assets, table):
 
 
 def draw_storage(folders, path, n_maps=4):
-    """Rows: 0 and 4 registers (seed 0). Columns: norm histogram (log), then norm maps of the images whose
-    largest patch norm is highest."""
+    """folders: {registers: run folder} (0 and 4 registers, seed 0). Top row: the same n_maps test images for
+    every run, those whose largest patch norm is highest in the run with the most outliers. Then one row per
+    run: its norm histogram (log) and the patch-norm map of each of those images (one colour scale per row,
+    outlier patches ringed)."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(3.2 * (n_maps + 2), 3.4 * len(folders)))
-    ax = fig.subplots(len(folders), n_maps + 2, squeeze=False)
-    for row, (r, out) in enumerate(folders.items()):
+    C = dm.TOKEN_COLORS
+    runs = {}
+    for r, out in folders.items():
         backbone, args, _ = dm.load_teacher(out)
         tok, d, m, images, _ = tokens(backbone, args)
+        runs[r] = (tok, d, m, images)
+    first = next(iter(runs.values()))[3]
+    for r, (_, _, _, images) in runs.items():  # the runs must see the same test images for a column to compare
+        if images.shape != first.shape or not torch.equal(images, first):
+            raise ValueError(f"draw_storage: the run with {r} registers has other test images than the first run")
+    worst = max(runs, key=lambda r: runs[r][2]["outlier_fraction"])  # ties: the first (0 registers)
+    order = runs[worst][1]["patch_norms"].max(1).values.argsort(descending=True)[:n_maps].tolist()
+    allv = torch.cat([torch.cat([d["patch_norms"].flatten(), d["register_norms"].flatten(), d["cls_norms"].flatten()])
+                      for _, d, _, _ in runs.values()])
+    bins = torch.logspace(float(allv.clamp_min(1e-6).min().log10()), float((allv.max() * 1.01).log10()), 81).numpy()
+
+    fig = Figure(figsize=(3.0 * n_maps + 5.5, 3.0 * (len(runs) + 1)))
+    gs = fig.add_gridspec(len(runs) + 1, n_maps + 2, width_ratios=[5.5] + [3.0] * n_maps + [0.25])
+    for j, i in enumerate(order):
+        a = fig.add_subplot(gs[0, 1 + j])
+        a.imshow(first[i].permute(1, 2, 0).numpy())
+        a.set_title(f"test image {i}", fontsize=10)
+        a.set_xticks([]), a.set_yticks([])
+    note = fig.add_subplot(gs[0, 0])
+    note.axis("off")
+    note.text(0.5, 0.5, f"The same {len(order)} test images in every row:\nthose with the highest patch norm\n"
+              f"in the {worst}-register run.\nBelow: each run's patch-norm map\n(one colour scale per row;\n"
+              "rings: outlier patches).", ha="center", va="center", fontsize=10)
+    for row, (r, (tok, d, m, _)) in enumerate(runs.items(), start=1):
         pn, g = d["patch_norms"], tok["grid"][0]
-        a = ax[row, 0]
-        a.hist(pn.flatten().numpy(), bins=80, log=True, alpha=0.7, label="patch tokens")
+        a = fig.add_subplot(gs[row, 0])
+        a.hist(pn.flatten().numpy(), bins=bins, log=True, alpha=0.7, color=C["patch"], label="patch tokens")
+        if d["outliers"].any():
+            a.hist(pn[d["outliers"]].numpy(), bins=bins, log=True, alpha=0.9, color=C["outlier"],
+                   label="outlier patches")
         if d["register_norms"].numel():
-            a.hist(d["register_norms"].flatten().numpy(), bins=80, log=True, alpha=0.7, label="registers")
-        a.hist(d["cls_norms"].numpy(), bins=80, log=True, alpha=0.7, label="CLS")
+            a.hist(d["register_norms"].flatten().numpy(), bins=bins, log=True, alpha=0.7, color=C["register"],
+                   label="registers")
+        a.hist(d["cls_norms"].numpy(), bins=bins, log=True, alpha=0.7, color=C["CLS"], label="CLS")
         a.axvline(2 * m["patch_norm_median"], color="k", ls="--", lw=1, label="outlier floor (2 x median)")
-        a.set_xlabel("output token norm (last block, before the final norm)")
+        a.set_xscale("log")
+        a.set_xlabel("output token norm (last block, before the final norm)", fontsize=8)
         a.set_ylabel("tokens (log)")
-        a.set_title(f"{r} registers: outliers {m['outlier_fraction']:.2%}\nbimodality "
+        a.set_title(f"{r} registers: outliers {m['outlier_fraction']:.2%}, bimodality "
                     f"{m['patch_norm_bimodality']:.2f}, max/median {m['patch_norm_max_ratio']:.1f}", fontsize=9)
         a.legend(fontsize=7)
-        order = pn.max(1).values.argsort(descending=True)[:n_maps]
-        vmax = pn.max().item()
-        for j, i in enumerate(order.tolist()):
-            ax[row, 1 + j].imshow(images[i].permute(1, 2, 0).numpy())
-            ax[row, 1 + j].set_title(f"{r} reg: test image {i}", fontsize=8)
-            ax[row, 1 + j].set_xticks([]), ax[row, 1 + j].set_yticks([])
-        im = ax[row, -1].imshow(pn[order].reshape(-1, g, g).transpose(0, 1).reshape(g, -1).numpy(), cmap="viridis",
-                                vmin=0, vmax=vmax, interpolation="nearest")
-        ax[row, -1].set_title("their patch norms, side by side\n(same colour scale per row)", fontsize=8)
-        ax[row, -1].set_xticks([]), ax[row, -1].set_yticks([])
-        fig.colorbar(im, ax=ax[row, -1], fraction=0.046, pad=0.02)
-    fig.suptitle("Storage: output norms of a nano ViT trained with --preset artifacts, 0 vs 4 registers (EMA teacher, "
-                 "1000 test images)")
+        vmax = pn[order].max().item()
+        for j, i in enumerate(order):
+            a = fig.add_subplot(gs[row, 1 + j])
+            im = a.imshow(pn[i].reshape(g, g).numpy(), cmap="viridis", vmin=0, vmax=vmax, interpolation="nearest")
+            yx = d["outliers"][i].reshape(g, g).nonzero()
+            if len(yx):
+                a.plot(yx[:, 1].numpy(), yx[:, 0].numpy(), "o", ms=9, mfc="none", mec=C["outlier"], mew=2)
+            a.set_title(f"{r} reg: patch norms, image {i}", fontsize=9)
+            a.set_xticks([]), a.set_yticks([])
+        fig.colorbar(im, cax=fig.add_subplot(gs[row, -1])).set_label("patch norm", fontsize=8)
+    fig.suptitle("Storage: output norms of a nano ViT trained with --preset artifacts, "
+                 f"{' vs '.join(str(r) for r in runs)} registers\n(EMA teacher, {len(first)} test images)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")
@@ -208,26 +239,40 @@ def collapse(runs_dir, assets):
     return res
 
 
+MARKERS = {"collapse_base": "o", "collapse_gram_early": "s", "collapse_gram_late": "^"}  # one shape per recipe
+
+
 def draw_curves(res, path):
+    """k-NN and dense quality per epoch of the collapse runs. Runs that coincide (gram_late is the baseline until
+    its Gram anchoring starts) stay visible: each recipe has its own marker shape, each run a small x offset."""
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(16, 3.8))
+    fig = Figure(figsize=(16, 4.4))
     ax = fig.subplots(1, 4)
+    names = list(res)
+    width = 0.3  # total spread of the x offsets, in epochs
     for a, (k, lab) in zip(ax, (("knn_acc", "k-NN accuracy (CLS)"), ("dense_fg_miou", "object/background probe mIoU"),
                                 ("dense_miou", "11-class dense probe mIoU"), ("similarity_locality", "similarity locality"))):
-        for name, r in res.items():
+        for n_run, (name, r) in enumerate(res.items()):
             seed1 = name.endswith("_s1")
-            color = f"C{list(COLLAPSE).index(name[:-3] if seed1 else name)}"  # a seed-1 run: its seed-0 twin's colour
-            a.plot(r["epochs"], r[k], "o--" if seed1 else "o-", ms=3, color=color,
+            base = name[:-3] if seed1 else name
+            color = f"C{list(COLLAPSE).index(base)}"  # a seed-1 run: its seed-0 twin's colour
+            dx = (n_run - (len(names) - 1) / 2) * width / max(len(names) - 1, 1)
+            a.plot([e + dx for e in r["epochs"]], r[k], ls="--" if seed1 else "-", marker=MARKERS.get(base, "o"),
+                   ms=6, color=color, mfc="none" if seed1 else color, lw=1.2, alpha=0.9,
                    label=name.replace("collapse_", "").replace("_s1", ", seed 1"))
         lo, hi = a.get_ylim()
         mid = (lo + hi) / 2
         a.set_ylim(min(lo, mid - 0.05), max(hi, mid + 0.05))  # at least 0.1 tall: no wiggle drawn as a trend
+        a.set_xticks(sorted({e for r in res.values() for e in r["epochs"]}))
         a.set_title(lab)
-        a.set_xlabel("epoch")
-        a.legend(fontsize=8)
-    fig.suptitle("Signal: --preset collapse (nano ViT, 4 registers, LayerScale off, lr 1e-2; 10k scenes, 3 epochs): "
-                 "baseline and Gram anchoring (Gram teacher: EMA teacher of epoch 1, or 2 for gram_late); dashed: seed 1")
-    fig.tight_layout()
+        a.set_xlabel("epoch (runs drawn slightly apart)")
+        a.legend(fontsize=7)
+    fig.suptitle("Signal: --preset collapse, baseline vs Gram anchoring", fontsize=12, y=0.99)
+    fig.text(0.5, 0.925, "nano ViT, 4 registers, LayerScale off, lr 1e-2; 10k scenes, 3 epochs. Gram teacher: the EMA "
+             "teacher of epoch 1 (gram_early) or 2 (gram_late; identical to the baseline until then).\n"
+             "Dashed, hollow markers: seed 1. Each run is shifted a little along x so that coinciding curves stay "
+             "visible.", ha="center", va="top", fontsize=8.5, wrap=True)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")
 
@@ -391,6 +436,17 @@ def draw_learnable(runs, screens, path):
     print(f"wrote {path}")
 
 
+def redraw(assets):
+    """The pictures that results.json alone holds the data for (collapse_curves.png), drawn again from it."""
+    path = os.path.join(assets, "results.json")
+    if not os.path.exists(path):
+        sys.exit(f"--redraw: there is no {path}")
+    runs = json.load(open(path)).get("collapse", {}).get("runs")
+    if not runs:
+        sys.exit(f"--redraw: {path} has no collapse runs")
+    draw_curves(runs, os.path.join(assets, "collapse_curves.png"))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "results"), help="Where the runs go (one "
@@ -402,7 +458,12 @@ def main():
     p.add_argument("--registers", type=int, nargs="+", default=list(REGISTERS), help="Register counts to run "
                    "now; the others keep their entries of an existing results.json.")
     p.add_argument("--no-train", action="store_true", help="Measure only the runs that exist; train nothing.")
+    p.add_argument("--redraw", action="store_true", help="Redraw collapse_curves.png from the stored "
+                   "results.json in --assets; run and measure nothing.")
     a = p.parse_args()
+    if a.redraw:
+        redraw(a.assets)
+        return
     global NO_TRAIN
     NO_TRAIN = a.no_train
     os.makedirs(a.assets, exist_ok=True)

@@ -1670,12 +1670,13 @@ def plot_analysis(tok, details, metrics, images, out_dir, title, masks=None, n_s
              blank={1: (om.reshape(len(om), -1).sum(1) == 0, "no outlier")})
     # 4. CLS attention per head (last layer) and the registers' attention
     ca = tok["attn"][order][:, :, 1 + R:].reshape(len(order), -1, g, g)  # (n, heads, g, g)
+    T = tok["attn"].shape[-1]  # the tokens CLS attends to: CLS, registers and patches
     grid_fig([ca[:, h].numpy() for h in range(ca.shape[1])], "cls_attention.png",
-             "Last-layer CLS attention over the patches, per head", [f"head {h}" for h in range(ca.shape[1])],
-             ["inferno"] * ca.shape[1])
+             f"Last-layer CLS attention over the patches, per head (one colour scale); "
+             f"uniform attention would be 1/T = 1/{T} = {1 / T:.4f}", [f"head {h}" for h in range(ca.shape[1])],
+             ["inferno"] * ca.shape[1], shared=True, ref=(1 / T, "attention weight (cyan line: uniform, 1/T)"))
     if R:
         ra = tok["reg_attn"][order][:, :, 1 + R:].reshape(len(order), R, g, g)
-        T = tok["reg_attn"].shape[-1]  # the tokens a register attends to: CLS, registers and patches
         grid_fig([ra[:, r].numpy() for r in range(R)], "register_attention.png",
                  f"Last-layer attention of each register over the patches (mean over heads; one colour scale); "
                  f"uniform attention would be 1/T = 1/{T} = {1 / T:.4f}",

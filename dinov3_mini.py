@@ -1802,7 +1802,7 @@ def analyze_run(path, device_name="auto", n_images=1000):
     metrics, details = analyze(tok, y_test[:n], masks[:n] if masks is not None else None)
     metrics.update(checkpoint=ck_path, epoch=epoch, model=args.model, registers=args.registers,
                    dataset=args.dataset)
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(ck_path)), "analysis")
+    out_dir = os.path.join(os.path.dirname(ck_path) or ".", "analysis")  # relative stays relative
     title = f"{args.model} ViT, {args.registers} registers, {args.dataset}, epoch {epoch:g} (EMA teacher)"
     pics = plot_analysis(tok, details, metrics, x_test[:n], out_dir, title, masks[:n] if masks is not None else None)
     return write_metrics(metrics, out_dir, len(pics), (

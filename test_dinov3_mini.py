@@ -1139,6 +1139,24 @@ def test_compiled_block_matches_eager():
     assert_close(g_c, x.grad, atol=1e-4)
 
 
+def test_supervised_control_trains_logs_instruments_and_resumes(tmp_path):
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import supervised_control  # bench/supervised_control.py: the same ViT trained with labels
+    out = str(tmp_path / "sup")
+    flags = TINY + ["--dataset", "textures", "--batch", "16", "--eval-every", "2", "--warmup", "2",
+                    "--analyze-images", "32", "--out-dir", out]
+    supervised_control.main(flags + ["--steps", "4"])
+    recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    assert [r["step"] for r in recs] == [2, 4]
+    for r in recs:
+        assert 0 <= r["test_acc"] <= 1 and 0 <= r["knn_acc"] <= 1 and math.isfinite(r["loss"])
+        assert r["outlier_fraction"] is not None and r["register_norm_mean"] is not None and "dse" in r
+    with pytest.raises(SystemExit):  # an existing run is never overwritten
+        supervised_control.main(flags + ["--steps", "4"])
+    supervised_control.main(flags + ["--steps", "6", "--resume"])
+    assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [2, 4, 6]
+
+
 def test_gpu_suite_smoke_runs_every_part(tmp_path):
     """bench/gpu_suite.py --smoke: every part on the CPU at toy size within its budget; the JSON holds every
     part without an error, and --out holds at most 8 plain files (what the device machine brings back)."""

@@ -1764,11 +1764,11 @@ def plot_log(out_dir):
     return out
 
 
-def write_metrics(metrics, out_dir, n_pics, keys, show_skipped=False):
-    """metrics.json into out_dir, and the key figures printed one per line; returns the metrics."""
+def write_metrics(metrics, out_dir, n_pics, keys, show_skipped=False, verbose=True):
+    """metrics.json into out_dir, and (verbose) the key figures printed one per line; returns the metrics."""
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    for k in keys:
+    for k in keys if verbose else ():
         v = metrics.get(k)
         print(f"{k:32s} {v:.4f}" if isinstance(v, float) else f"{k:32s} {v}")
     if show_skipped and metrics["skipped"]:
@@ -1789,9 +1789,10 @@ def load_teacher(path, device="cpu"):
     return backbone.eval(), args, ck
 
 
-def analyze_run(path, device_name="auto", n_images=1000):
+def analyze_run(path, device_name="auto", n_images=1000, verbose=True):
     """--analyze: load a checkpoint (or a run folder holding one), measure its EMA teacher on the test
-    images of its own dataset, and write analysis/metrics.json and the PNGs next to the checkpoint."""
+    images of its own dataset, and write analysis/metrics.json and the PNGs next to the checkpoint
+    (verbose: the key figures printed too)."""
     ck_path = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     device = pick_device(device_name)
     backbone, args, ck = load_teacher(ck_path, device)
@@ -1810,7 +1811,7 @@ def analyze_run(path, device_name="auto", n_images=1000):
         "normal_patch_knn_acc", "register_norm_mean", "register_cls_attention_share", "patch_norm_median",
         "patch_norm_max_ratio", "patch_write_median", "patch_write_max", "patch_norm_bimodality", "dense_miou",
         "dense_fg_miou", "patch_effective_rank", "patch_cls_cosine", "similarity_locality",
-        "similarity_locality_chance"), show_skipped=True)
+        "similarity_locality_chance", "dse"), show_skipped=verbose, verbose=verbose)
 
 
 # -----------------------------------------------------------------------------------------------

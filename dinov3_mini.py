@@ -2129,51 +2129,65 @@ def texture_pattern(cls, u, v, f, noise):
     return out
 
 
+def texture_draws(split="train", size=32, seed=0, palette=None):
+    """Every random number of a `textures` split, drawn in a fixed order for all of its images (so image i does
+    not depend on how many are rendered): a dict of tensors whose first dimension is the split's size.
+    `palette`, if given, maps the four colours (n,3,1,1) before the object's are kept apart from the background."""
+    N = TEXTURES_SIZES[split]
+    g = torch.Generator().manual_seed(seed * 1_000_003 + {"train": 0, "test": 500_000}[split] + 77)
+    U = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    d = dict(c1=U(N, 3, 1, 1), c2=U(N, 3, 1, 1), bg_angle=U(N, 1, 1) * 2 * math.pi, bg_kind=U(N, 1, 1))
+    d["labels"] = torch.randint(len(TEXTURES), (N,), generator=g)
+    d["cx"], d["cy"] = 0.5 + 0.2 * (U(N) - 0.5), 0.5 + 0.2 * (U(N) - 0.5)  # object centre
+    d["scale"] = 0.36 + 0.12 * U(N)  # half-size: the object spans 70-95% of the frame
+    d["ang"], d["aspect"] = (2 * U(N) - 1) * math.pi, 0.85 + 0.3 * U(N)
+    d["shape"] = torch.randint(len(SHAPES), (N,), generator=g)  # any shape: the texture alone is the class
+    d["freq"] = (2.2 + 1.3 * U(N, 1, 1)) * math.pi  # 2.2-3.5 periods across the object
+    d["noise"] = F.interpolate(torch.randn(N, 1, 5, 5, generator=g), size=size, mode="bicubic",
+                               align_corners=False)[:, 0]
+    d["col"], d["col2"] = U(N, 3, 1, 1), U(N, 3, 1, 1)
+    if palette is not None:
+        for k in ("c1", "c2", "col", "col2"):
+            d[k] = palette(d[k])
+    c1, col, col2 = d["c1"], d["col"], d["col2"]
+    d["col"] = col = torch.where((col - c1).abs().mean(1, keepdim=True) < 0.25, 1 - col, col)  # away from bg
+    d["col2"] = torch.where((col2 - col).abs().mean(1, keepdim=True) < 0.3, 1 - col2, col2)  # two tones apart
+    d["pixel_noise"] = torch.randn(N, 3, size, size, generator=g)
+    return d
+
+
+def render_textures(d, sl, size=32):
+    """Images uint8 (m,3,S,S) and masks uint8 (m,S,S) of the drawn images d[sl] (see texture_draws)."""
+    d = {k: v[sl] for k, v in d.items()}
+    m = len(d["labels"])
+    t = (torch.arange(size) + 0.5) / size
+    y, x = torch.meshgrid(t, t, indexing="ij")
+    y, x = y.expand(m, size, size), x.expand(m, size, size)
+    e = lambda z: z[:, None, None]  # noqa: E731
+    # background: flat (50%) or a linear gradient between two colours
+    proj = ((x - 0.5) * torch.cos(d["bg_angle"]) + (y - 0.5) * torch.sin(d["bg_angle"]) + 0.5).clamp(0, 1)
+    mix = torch.where(d["bg_kind"] < 0.5, torch.zeros_like(x), proj)
+    img = d["c1"] + (d["c2"] - d["c1"]) * mix[:, None]
+    # object frame: u, v in [-1, 1] across the object
+    dx, dy = (x - e(d["cx"])) / e(d["scale"]), (y - e(d["cy"])) / e(d["scale"])
+    ca, sa = e(torch.cos(d["ang"])), e(torch.sin(d["ang"]))
+    u, v = (ca * dx + sa * dy) * e(d["aspect"]), (-sa * dx + ca * dy) / e(d["aspect"])
+    inside = shape_mask(d["shape"], u, v)
+    pat = texture_pattern(d["labels"], u, v, d["freq"], d["noise"])
+    obj = d["col"] + (d["col2"] - d["col"]) * pat[:, None]
+    img = torch.where(inside[:, None], obj, img)
+    img = (img + 0.03 * d["pixel_noise"]).clamp(0, 1)
+    return (img * 255).round().to(torch.uint8), torch.where(inside, e(d["labels"]) + 1, 0).to(torch.uint8)
+
+
 def make_textures(split="train", n=None, size=32, seed=0, chunk=1000):
     """The `textures` dataset: (images uint8 (n,3,S,S), labels (n,) in 0..9, masks uint8 (n,S,S): 0 =
     background, label + 1 = the object). Deterministic from (seed, split): the whole split is drawn, the
-    first n are returned; the same scenes render at any resolution (32, 64, ...; only the pixel noise differs)."""
-    N = TEXTURES_SIZES[split]
-    n = N if n is None else n
-    g = torch.Generator().manual_seed(seed * 1_000_003 + {"train": 0, "test": 500_000}[split] + 77)
-    U = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-    # every random draw, in a fixed order, for the whole split (images do not depend on n)
-    c1, c2, bg_angle, bg_kind = U(N, 3, 1, 1), U(N, 3, 1, 1), U(N, 1, 1) * 2 * math.pi, U(N, 1, 1)
-    labels = torch.randint(len(TEXTURES), (N,), generator=g)
-    cx, cy = 0.5 + 0.2 * (U(N) - 0.5), 0.5 + 0.2 * (U(N) - 0.5)  # object centre
-    scale = 0.36 + 0.12 * U(N)  # half-size: the object spans 70-95% of the frame
-    ang, aspect = (2 * U(N) - 1) * math.pi, 0.85 + 0.3 * U(N)
-    shape = torch.randint(len(SHAPES), (N,), generator=g)  # any shape: the texture alone is the class
-    freq = (2.2 + 1.3 * U(N, 1, 1)) * math.pi  # 2.2-3.5 periods across the object
-    noise = F.interpolate(torch.randn(N, 1, 5, 5, generator=g), size=size, mode="bicubic", align_corners=False)[:, 0]
-    col, col2 = U(N, 3, 1, 1), U(N, 3, 1, 1)
-    col = torch.where((col - c1).abs().mean(1, keepdim=True) < 0.25, 1 - col, col)  # object away from background
-    col2 = torch.where((col2 - col).abs().mean(1, keepdim=True) < 0.3, 1 - col2, col2)  # and its two tones apart
-    pixel_noise = torch.randn(N, 3, size, size, generator=g)
-    images, masks = [], []
-    t = (torch.arange(size) + 0.5) / size
-    for a in range(0, n, chunk):
-        sl = slice(a, min(n, a + chunk))
-        m = sl.stop - a
-        y, x = torch.meshgrid(t, t, indexing="ij")
-        y, x = y.expand(m, size, size), x.expand(m, size, size)
-        e = lambda z: z[sl, None, None]  # noqa: E731
-        # background: flat (50%) or a linear gradient between two colours
-        proj = ((x - 0.5) * torch.cos(bg_angle[sl]) + (y - 0.5) * torch.sin(bg_angle[sl]) + 0.5).clamp(0, 1)
-        mix = torch.where(bg_kind[sl] < 0.5, torch.zeros_like(x), proj)
-        img = c1[sl] + (c2[sl] - c1[sl]) * mix[:, None]
-        # object frame: u, v in [-1, 1] across the object
-        dx, dy = (x - e(cx)) / e(scale), (y - e(cy)) / e(scale)
-        ca, sa = e(torch.cos(ang)), e(torch.sin(ang))
-        u, v = (ca * dx + sa * dy) * e(aspect), (-sa * dx + ca * dy) / e(aspect)
-        inside = shape_mask(shape[sl], u, v)
-        pat = texture_pattern(labels[sl], u, v, freq[sl], noise[sl])
-        obj = col[sl] + (col2[sl] - col[sl]) * pat[:, None]
-        img = torch.where(inside[:, None], obj, img)
-        img = (img + 0.03 * pixel_noise[sl]).clamp(0, 1)
-        images.append((img * 255).round().to(torch.uint8))
-        masks.append(torch.where(inside, labels[sl, None, None] + 1, 0).to(torch.uint8))
-    return torch.cat(images), labels[:n], torch.cat(masks)
+    first n are rendered; the same scenes render at any resolution (32, 64, ...; only the pixel noise differs)."""
+    d = texture_draws(split, size, seed)
+    n = len(d["labels"]) if n is None else n
+    out = [render_textures(d, slice(a, min(n, a + chunk)), size) for a in range(0, n, chunk)]
+    return torch.cat([o[0] for o in out]), d["labels"][:n], torch.cat([o[1] for o in out])
 
 
 # The published MD5s of the archives, and of CIFAR's pickled batches (as torchvision's dataset classes check

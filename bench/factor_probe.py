@@ -1,7 +1,7 @@
 """What a trained backbone's features encode on `textures`: the class (the texture) or the per-image nuisances.
 
-`make_textures` draws every factor of an image from its generator in a fixed order; this script replays those
-draws, so each image's shape, background and object colours, pattern frequency and rotation are known, and reads
+`make_textures` draws every factor of an image from its generator in a fixed order (`texture_draws`), so each
+image's shape, background and object colours, pattern frequency and rotation are known, and reads
 each one from the features with the same weighted k-NN (k = 20) as the class. A factor the trained teacher
 reads far better than a ViT at initialisation is something the self-supervised objective picked up; a random
 per-image factor (a colour) learnt instead of the class is an instance cue that two crops of one image share.
@@ -28,23 +28,16 @@ import screen_data as sd  # noqa: E402
 
 
 def factors(split, n, seed=0, palette="colour"):
-    """Replay make_textures' draws (same order) and bin each factor: {name: labels (n,)}."""
-    N = dm.TEXTURES_SIZES[split]
-    g = torch.Generator().manual_seed(seed * 1_000_003 + {"train": 0, "test": 500_000}[split] + 77)
-    U = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-    c1, _c2, _bg_angle, _bg_kind = U(N, 3, 1, 1), U(N, 3, 1, 1), U(N, 1, 1), U(N, 1, 1)
-    labels = torch.randint(len(dm.TEXTURES), (N,), generator=g)
-    _cx, _cy, _scale, ang, _aspect = U(N), U(N), U(N), U(N), U(N)
-    shape = torch.randint(len(dm.SHAPES), (N,), generator=g)
-    freq = U(N, 1, 1)
-    torch.randn(N, 1, 5, 5, generator=g)  # the blobs' noise field
-    col = U(N, 3, 1, 1)
-    c1, col = sd.recolour(c1, palette), sd.recolour(col, palette)
-    col = torch.where((col - c1).abs().mean(1, keepdim=True) < 0.25, 1 - col, col)
+    """make_textures' own draws (dinov3_mini.texture_draws), each factor binned: {name: labels (n,)}."""
+    d = dm.texture_draws(split, 32, seed, palette=lambda c: sd.recolour(c, palette))
+    N = len(d["labels"])
     bits = lambda c: ((c.view(N, 3) > 0.5).long() * torch.tensor([1, 2, 4])).sum(1)  # noqa: E731
     lum = lambda c: (c.view(N, 3).mean(1) * 4).long().clamp(max=3)  # noqa: E731
-    out = dict(texture=labels, shape=shape, bg_colour=bits(c1), obj_colour=bits(col), bg_lum=lum(c1),
-               obj_lum=lum(col), freq=(freq.view(N) * 5).long(), angle=(ang * 8).long())
+    freq = (d["freq"].view(N) / math.pi - 2.2) / 1.3  # back to [0, 1)
+    angle = (d["ang"] / math.pi + 1) / 2
+    out = dict(texture=d["labels"], shape=d["shape"], bg_colour=bits(d["c1"]), obj_colour=bits(d["col"]),
+               bg_lum=lum(d["c1"]), obj_lum=lum(d["col"]), freq=(freq * 5).long().clamp(0, 4),
+               angle=(angle * 8).long().clamp(0, 7))
     return {k: v[:n] for k, v in out.items()}
 
 

@@ -139,42 +139,11 @@ def make_textures_palette(split, n, size=32, seed=0, mode="grey"):
     so the same objects, patterns and positions; "colour" is bit-identical to the built-in). In the built-in,
     every image has its own three random colours: an instance cue that two crops of one image share and that
     says nothing about the class, which DINO's image objective picks up first."""
-    N = dm.TEXTURES_SIZES[split]
-    g = torch.Generator().manual_seed(seed * 1_000_003 + {"train": 0, "test": 500_000}[split] + 77)
-    U = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
-    c1, c2, bg_angle, bg_kind = U(N, 3, 1, 1), U(N, 3, 1, 1), U(N, 1, 1) * 2 * math.pi, U(N, 1, 1)
-    labels = torch.randint(len(dm.TEXTURES), (N,), generator=g)
-    cx, cy = 0.5 + 0.2 * (U(N) - 0.5), 0.5 + 0.2 * (U(N) - 0.5)
-    scale = 0.36 + 0.12 * U(N)
-    ang, aspect = (2 * U(N) - 1) * math.pi, 0.85 + 0.3 * U(N)
-    shape = torch.randint(len(dm.SHAPES), (N,), generator=g)
-    freq = (2.2 + 1.3 * U(N, 1, 1)) * math.pi
-    noise = F.interpolate(torch.randn(N, 1, 5, 5, generator=g), size=size, mode="bicubic", align_corners=False)[:, 0]
-    col, col2 = U(N, 3, 1, 1), U(N, 3, 1, 1)
-    c1, c2, col, col2 = (recolour(c, mode) for c in (c1, c2, col, col2))
-    col = torch.where((col - c1).abs().mean(1, keepdim=True) < 0.25, 1 - col, col)
-    col2 = torch.where((col2 - col).abs().mean(1, keepdim=True) < 0.3, 1 - col2, col2)
-    pixel_noise = torch.randn(N, 3, size, size, generator=g)
+    d = dm.texture_draws(split, size, seed, palette=lambda c: recolour(c, mode))
     if mode == "grey":
-        pixel_noise = pixel_noise[:, :1].expand_as(pixel_noise)
-    sl = slice(0, n)
-    t = (torch.arange(size) + 0.5) / size
-    y, x = torch.meshgrid(t, t, indexing="ij")
-    y, x = y.expand(n, size, size), x.expand(n, size, size)
-    e = lambda z: z[sl, None, None]  # noqa: E731
-    proj = ((x - 0.5) * torch.cos(bg_angle[sl]) + (y - 0.5) * torch.sin(bg_angle[sl]) + 0.5).clamp(0, 1)
-    mix = torch.where(bg_kind[sl] < 0.5, torch.zeros_like(x), proj)
-    img = c1[sl] + (c2[sl] - c1[sl]) * mix[:, None]
-    dx, dy = (x - e(cx)) / e(scale), (y - e(cy)) / e(scale)
-    ca, sa = e(torch.cos(ang)), e(torch.sin(ang))
-    u, v = (ca * dx + sa * dy) * e(aspect), (-sa * dx + ca * dy) / e(aspect)
-    inside = dm.shape_mask(shape[sl], u, v)
-    pat = dm.texture_pattern(labels[sl], u, v, freq[sl], noise[sl])
-    obj = col[sl] + (col2[sl] - col[sl]) * pat[:, None]
-    img = torch.where(inside[:, None], obj, img)
-    img = (img + 0.03 * pixel_noise[sl]).clamp(0, 1)
-    masks = torch.where(inside, labels[sl, None, None] + 1, 0).to(torch.uint8)
-    return (img * 255).round().to(torch.uint8), labels[:n], masks
+        d["pixel_noise"] = d["pixel_noise"][:, :1].expand_as(d["pixel_noise"])
+    x, masks = dm.render_textures(d, slice(0, n), size)
+    return x, d["labels"][:n], masks
 
 
 GLYPHS = "AEGKMRSWXZ"

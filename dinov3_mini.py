@@ -1072,7 +1072,7 @@ def evaluate(step, epoch, backbone, eval_data, args, device, log):
     inst = eval_instruments(backbone, x_test, y_test, test_masks, args, device)
     log.write({"type": "eval", "step": step, "epoch": epoch, "knn_acc": knn_acc, **inst})
     print0(f"\nepoch {epoch}: k-NN accuracy {knn_acc:.4f}, " +
-           ", ".join(f"{k} {v:.4f}" for k, v in inst.items() if v is not None))
+           ", ".join(f"{k} {v:.4f}" for k, v in inst.items() if isinstance(v, float)))
     alarm = collapse_alarm(log.since_eval, args)
     log.streak = log.streak + 1 if alarm else 0
     if alarm and log.streak >= 2 and log.master:
@@ -1490,6 +1490,8 @@ def analyze(tok, labels=None, masks=None):
          "register_norm_mean": reg_n.mean().item() if R else None,
          "patch_norm_bimodality": bimodality(patch_n),
          "patch_norm_median_per_layer": tok["norms"][:, :, 1 + R:].flatten(1).median(1).values.tolist(),
+         "patch_norm_max_ratio_per_layer": (tok["norms"][:, :, 1 + R:].flatten(1).max(1).values /
+                                            tok["norms"][:, :, 1 + R:].flatten(1).median(1).values).tolist(),
          "register_norm_mean_per_layer": tok["norms"][:, :, 1:1 + R].flatten(1).mean(1).tolist() if R else None,
          "register_cls_attention_share": cls_attn[:, 1:1 + R].sum(1).mean().item() if R else None,
          "patch_cls_cosine": cos_cls.mean().item(),
@@ -1539,7 +1541,8 @@ def analyze(tok, labels=None, masks=None):
 
 INSTRUMENTS_LOGGED = ("dense_miou", "dense_fg_miou", "similarity_locality", "outlier_fraction", "patch_norm_median",
                       "patch_norm_max_ratio", "patch_norm_bimodality", "patch_write_median", "patch_write_max",
-                      "register_norm_mean", "patch_effective_rank", "patch_cls_cosine", "dse")
+                      "register_norm_mean", "patch_effective_rank", "patch_cls_cosine", "dse", "cls_norm_mean",
+                      "register_cls_attention_share", "outlier_cls_attention_share", "patch_norm_max_ratio_per_layer")
 
 
 def eval_instruments(backbone, x_test, y_test, test_masks, args, device):
@@ -1547,7 +1550,8 @@ def eval_instruments(backbone, x_test, y_test, test_masks, args, device):
     n = min(args.analyze_images, len(x_test))
     tok = collect_tokens(backbone, x_test[:n], args.image_size, device)
     m, _ = analyze(tok, None, test_masks[:n] if test_masks is not None else None)
-    return {k: (round(m[k], 5) if m[k] is not None else None) for k in INSTRUMENTS_LOGGED}
+    r5 = lambda v: [round(x, 5) for x in v] if isinstance(v, list) else round(v, 5)  # noqa: E731
+    return {k: (r5(m[k]) if m[k] is not None else None) for k in INSTRUMENTS_LOGGED}
 
 
 def _pca_rgb(patches, fit=None):

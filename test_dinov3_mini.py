@@ -1037,7 +1037,9 @@ def test_analyze_command_writes_pictures_and_every_metric(tmp_path, capsys):
     m.main(TINY + ["--epochs", "1", "--out-dir", out, "--analyze-images", "64"])
     rec = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))][-1]
     assert rec["type"] == "eval" and 0 <= rec["dense_miou"] <= 1 and rec["outlier_fraction"] is not None
-    assert isinstance(rec["dse"], float)
+    assert isinstance(rec["dse"], float) and 0 < rec["register_cls_attention_share"] < 1
+    ratios = rec["patch_norm_max_ratio_per_layer"]  # one max/median per layer: the embedding, then each block
+    assert len(ratios) == 3 and min(ratios) >= 1  # TINY: depth 2
     metrics = m.main(["--analyze", out, "--analyze-images", "64"])
     saved = json.load(open(os.path.join(out, "analysis", "metrics.json")))
     for k in ("outlier_fraction", "outlier_background_share", "outlier_cls_attention_share", "register_norm_mean",

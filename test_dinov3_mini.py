@@ -808,7 +808,7 @@ def test_presets_fill_defaults_and_explicit_flags_win():
     assert a.registers == 4 and a.layerscale == 0 and a.gram_teacher_epoch == 2  # derived defaults follow the flags
 
 
-def test_results_script_reuses_same_config_and_refuses_another(tmp_path, capsys):
+def test_results_script_reuses_same_config_and_refuses_another(tmp_path, capsys, monkeypatch):
     sys.path.insert(0, os.path.join(HERE, "bench"))
     import results  # bench/results.py: the experiments of docs/results.md
     flags = [f for f in TINY if f not in ("--no-progress",)] + ["--epochs", "1", "--analyze-images", "32"]
@@ -821,6 +821,16 @@ def test_results_script_reuses_same_config_and_refuses_another(tmp_path, capsys)
         results.run("r", flags + ["--registers", "2"], str(tmp_path))
     assert "registers" in str(e.value) and os.path.getmtime(os.path.join(out, "checkpoint.pt")) == stamp
     assert results.mean_sd([0.1, 0.3, None])["mean"] == pytest.approx(0.2) and results.mean_sd([None]) is None
+    # the long runs' record: every instrument at every evaluation, epoch 0 measured on the run's own init
+    monkeypatch.setattr(results, "LONG", {"storage_long": {"r": flags}})
+    (rec,) = results.long_runs("storage_long", str(tmp_path), str(tmp_path), {})
+    assert rec["command"] == cmd and rec["registers"] == 4 and rec["finished"] and rec["gram"] is False
+    assert [e["step"] for e in rec["evals"]] == [0, 4] and rec["evals"][0]["knn_acc"] == summary["knn_acc_random_init"]
+    assert all(len(e["patch_norm_max_ratio_per_layer"]) == 3 for e in rec["evals"])
+    assert os.path.getsize(tmp_path / "storage_long.png") > 1000
+    monkeypatch.setattr(results, "NO_TRAIN", True)  # a run measured before whose folder is elsewhere: kept as it was
+    monkeypatch.setattr(results, "LONG", {"storage_long": {"gone": flags}})
+    assert results.long_runs("storage_long", str(tmp_path), str(tmp_path), {"storage_long": [rec]}) == [rec]
 
 
 def test_existing_run_is_not_overwritten(tmp_path):

@@ -1,7 +1,7 @@
 """The experiments of docs/results.md: the two failures (and their fixes) at small scale, run, measured and drawn.
 
     python bench/results.py                 # every run below that is missing, then assets/results.json + PNGs
-    python bench/results.py --only storage  # just the register sweep (or: collapse)
+    python bench/results.py --only storage  # just the register sweep (or: collapse, learnable, storage_long, ...)
     python bench/results.py --seeds 1       # fewer seeds (docs/results.md has 3)
     python bench/results.py --redraw        # collapse_curves.png again from assets/results.json, nothing run
 
@@ -17,9 +17,14 @@ collapse: `--preset collapse` without Gram anchoring, with an early Gram teacher
          first two also seed 1) ->
          k-NN and dense quality per epoch, peak and final; assets/collapse_curves.png and
          assets/collapse_maps.png (PCA and similarity maps: early teacher, baseline end, Gram ends).
-learnable: the default recipe on the built-in `textures` data (--dataset textures --epochs 10 --eval-every 1),
-         seeds 0 and 1, and the default 3-epoch run on it (also with --prototypes 256) -> results.json "learnable_data" (one entry per run: k-NN against both baselines, and the
-         curve of k-NN, dense probes and similarity locality per epoch) and assets/textures_curves.png. A run
+storage_long / signal_long: the long runs of the two failures on `textures` (32 epochs, 4,992 steps; `LONG` below):
+         artifacts preset with 0 and 4 registers; the default recipe with iBOT on and off. Every instrument at every
+         evaluation -> results.json "storage_long" / "signal_long", assets/storage_long.png / signal_long.png.
+learnable: the default recipe on the built-in `textures` data, seeds 0 and 1, for 10 epochs (--eval-every 1) and 32
+         (4,992 steps, --eval-every 2), and the default 3-epoch run on it (also with --prototypes 256) ->
+         results.json "learnable_data" (one entry per run: k-NN against both baselines, and the curve of k-NN,
+         dense probes and similarity locality) and assets/textures_curves.png. An entry whose folder is not in
+         --runs-dir is kept as it was with --no-train. A run
          that has a checkpoint but no summary is resumed (--resume), or with --no-train recorded as far as it got
          (finished: false). Screens of other candidate datasets (bench/screen_data.py --ssl NAME) found in
          --runs-dir as screen_NAME are drawn beside them and stored under "learnable_data_screens".
@@ -260,9 +265,7 @@ def draw_curves(res, path):
             a.plot([e + dx for e in r["epochs"]], r[k], ls="--" if seed1 else "-", marker=MARKERS.get(base, "o"),
                    ms=6, color=color, mfc="none" if seed1 else color, lw=1.2, alpha=0.9,
                    label=name.replace("collapse_", "").replace("_s1", ", seed 1"))
-        lo, hi = a.get_ylim()
-        mid = (lo + hi) / 2
-        a.set_ylim(min(lo, mid - 0.05), max(hi, mid + 0.05))  # at least 0.1 tall: no wiggle drawn as a trend
+        min_span(a, 0.1)
         a.set_xticks(sorted({e for r in res.values() for e in r["epochs"]}))
         a.set_title(lab)
         a.set_xlabel("epoch (runs drawn slightly apart)")
@@ -321,7 +324,14 @@ def draw_maps(folders, path, n=4):
 LEARNABLE = {**{f"textures_s{s}": ["--dataset", "textures", "--epochs", "10", "--eval-every", "1", "--seed", str(s)]
                 for s in (0, 1)},
              "default_textures": ["--dataset", "textures"],  # the default run (3 epochs) on textures
-             "default_textures_k256": ["--dataset", "textures", "--prototypes", "256"]}  # ... with K = 256
+             "default_textures_k256": ["--dataset", "textures", "--prototypes", "256"],  # ... with K = 256
+             **{f"long_textures_s{s}": ["--dataset", "textures", "--epochs", "32", "--eval-every", "2", "--seed", str(s)]
+                for s in (0, 1)}}  # 32 epochs = 4,992 steps
+# The long runs of the two failures on textures, 32 epochs (4,992 steps) each: name -> flags.
+LONG = {"storage_long": {f"long_artifacts_r{r}": ["--dataset", "textures", "--preset", "artifacts", "--registers",
+                                                  str(r), "--epochs", "32", "--eval-every", "4"] for r in (0, 4)},
+        "signal_long": {"long_textures_s0": LEARNABLE["long_textures_s0"],  # the default recipe: iBOT on
+                        "long_textures_noibot": LEARNABLE["long_textures_s0"] + ["--ibot-weight", "0"]}}
 SCREENS = ("shapes", "scenes", "glyphs", "fractals")  # bench/screen_data.py --ssl NAME runs, if present
 
 
@@ -343,22 +353,26 @@ def run_or_resume(name, flags, runs_dir):
     return out, None, cmd
 
 
+def log_evals(out, ck):
+    """A run's evaluation records, each with the mean DINO loss / ln K and the training time since the one before."""
+    ev, since = [], []
+    for r in map(json.loads, open(os.path.join(out, "log.jsonl"))):
+        if r.get("type") == "step":
+            since.append(r)
+        elif r.get("type") == "eval":
+            ev.append(dict(r, dino_over_lnK=round(statistics.fmean(x["dino_over_lnK"] for x in since), 4)
+                           if since else None, train_s=round(sum(
+                               ck["args"]["log_every"] * ck["args"]["batch_size"] / x["img_per_s"] for x in since), 1)))
+            since = []
+    return ev
+
+
 def curve(out, summary, cmd, seed, old=None):
     """One learnable_data entry: the run's k-NN against its baselines and its curve (epoch 0 = the ViT at init;
     taken from `old`, the entry of an earlier results.json for the same command, when there is one)."""
     ck = dm.load_checkpoint(os.path.join(out, "checkpoint.pt"))
     base = summary or ck["baselines"]
-    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-    ev, pts, since = [], [], []
-    for r in log:
-        if r.get("type") == "step":
-            since.append(r)
-        elif r.get("type") == "eval":
-            r = dict(r, dino_over_lnK=round(statistics.fmean(x["dino_over_lnK"] for x in since), 4) if since else None,
-                     train_s=round(sum(ck["args"]["log_every"] * ck["args"]["batch_size"] / x["img_per_s"]
-                                         for x in since), 1))  # time between evaluations
-            ev.append(r)
-            since = []
+    ev, pts = log_evals(out, ck), []
     zero = (dict(old["curve"][0], type="eval") if old and old.get("command") == cmd and old["curve"][0]["step"] == 0
             else init_point(out, base["knn_acc_random_init"]))
     for e in [zero] + ev:
@@ -383,6 +397,11 @@ def learnable(runs_dir, assets, old):
     before = {r["command"]: r for r in old.get("learnable_data", []) + list(old.get("learnable_data_screens", {})
                                                                                .get("ssl", {}).values())}
     for name, flags in LEARNABLE.items():
+        cmd = "python dinov3_mini.py " + " ".join(flags)
+        if NO_TRAIN and not os.path.exists(os.path.join(runs_dir, name)) and cmd in before:
+            runs.append(dict(before[cmd], name=name))  # measured before, its folder is not here: kept as it was
+            print(f"{name}: kept from results.json (no folder in {runs_dir})")
+            continue
         out, summary, cmd = run_or_resume(name, flags, runs_dir)
         if out is not None:
             seed = int(flags[flags.index("--seed") + 1]) if "--seed" in flags else 0
@@ -409,6 +428,13 @@ def learnable(runs_dir, assets, old):
     return runs, screens
 
 
+def min_span(a, span):
+    """Make the y axis at least `span` tall, so that a wiggle is not drawn as a trend."""
+    lo, hi = a.get_ylim()
+    mid = (lo + hi) / 2
+    a.set_ylim(min(lo, mid - span / 2), max(hi, mid + span / 2))
+
+
 def draw_learnable(runs, screens, path):
     from matplotlib.figure import Figure
     fig = Figure(figsize=(16, 3.8))
@@ -423,14 +449,93 @@ def draw_learnable(runs, screens, path):
             if k == "knn_acc":
                 a.axhline(r["knn_acc_raw_pixels"], color=f"C{i}", ls="--", lw=0.8)
                 a.axhline(r["knn_acc_random_init"], color=f"C{i}", ls="-.", lw=0.8)
-        lo, hi = a.get_ylim()
-        mid = (lo + hi) / 2
-        a.set_ylim(min(lo, mid - 0.05), max(hi, mid + 0.05))  # at least 0.1 tall: no wiggle drawn as a trend
+        min_span(a, 0.1)
         a.set_title(lab + ("\n(dashed: raw pixels, dash-dot: random-init ViT)" if k == "knn_acc" else ""), fontsize=9)
         a.set_xlabel("step (64 images each)")
         a.legend(fontsize=7)
-    fig.suptitle("The default recipe (nano ViT, 4 registers) on `--dataset textures` (10 epochs of 10k images), "
+    fig.suptitle("The default recipe (nano ViT, 4 registers) on `--dataset textures` (epochs of 10k images), "
                  "and screens of other candidates")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    print(f"wrote {path}")
+
+
+GRAM_KEYS = ("gram", "gram_weight", "gram_start", "gram_teacher_epoch", "gram_refresh_every", "gram_hires")
+
+
+def long_runs(kind, runs_dir, assets, old):
+    """storage_long / signal_long: one entry per run with every instrument at every evaluation (epoch 0 = the ViT at
+    init), the run's settings and baselines; a run that stopped part-way is resumed (or, with --no-train, recorded
+    as far as it got)."""
+    before = {r["command"]: r for r in old.get(kind, [])}
+    res = []
+    for name, flags in LONG[kind].items():
+        cmd = "python dinov3_mini.py " + " ".join(flags)
+        if not os.path.exists(os.path.join(runs_dir, name)) and cmd in before and NO_TRAIN:
+            res.append(before[cmd])
+            continue
+        out, summary, cmd = run_or_resume(name, flags, runs_dir)
+        if out is None:
+            continue
+        ck = dm.load_checkpoint(os.path.join(out, "checkpoint.pt"))
+        args, base, ev = ck["args"], summary or ck["baselines"], log_evals(out, ck)
+        if not ev:
+            print(f"{name}: no evaluation yet, left out")
+            continue
+        prev = before.get(cmd, {}).get("evals", [{}])[0]
+        zero = prev if prev.get("step") == 0 else dict(init_point(out, base["knn_acc_random_init"]), step=0)
+        res.append({"name": name, "command": cmd, "seed": args["seed"], "steps": ev[-1]["step"],
+                    "epochs_run": ev[-1]["epoch"], "epochs_planned": args["epochs"], "finished": summary is not None,
+                    "wall_s": summary["wall_s"] if summary else None,
+                    "train_s_from_log": round(sum(e["train_s"] for e in ev), 1),
+                    "registers": args["registers"], "ibot_weight": args["ibot_weight"],
+                    **{k: args.get(k) for k in GRAM_KEYS},
+                    "knn_acc_random_init": base["knn_acc_random_init"], "knn_acc_raw_pixels": base["knn_acc_raw_pixels"],
+                    "evals": [zero] + ev})
+    if res:
+        draw_long(kind, res, os.path.join(assets, f"{kind}.png"))
+    return res
+
+
+LONG_PANELS = {"storage_long": (("knn_acc", "k-NN accuracy (CLS)"), ("outlier_fraction", "high-norm outlier fraction"),
+                                ("patch_norm_max_ratio", "max / median patch norm (output)"),
+                                ("patch_write_max", "largest write of the blocks / embedding"),
+                                ("register_cls_attention_share", "CLS attention on the registers")),
+               "signal_long": (("knn_acc", "k-NN accuracy (CLS)"), ("dense_fg_miou", "object/background probe mIoU"),
+                               ("similarity_locality", "similarity locality"), ("dse", "DSE (label-free)"),
+                               ("patch_cls_cosine", "patch-CLS cosine"))}
+
+
+def draw_long(kind, runs, path):
+    """The long runs' instruments per step, one panel per instrument; storage adds the per-layer max/median norm."""
+    from matplotlib.figure import Figure
+    panels = LONG_PANELS[kind]
+    extra = kind == "storage_long"
+    fig = Figure(figsize=(3.3 * (len(panels) + extra), 3.6))
+    ax = fig.subplots(1, len(panels) + extra)
+    for a, (k, lab) in zip(ax, panels):
+        for i, r in enumerate(runs):
+            ev = [e for e in r["evals"] if e.get(k) is not None]
+            a.plot([e["step"] for e in ev], [e[k] for e in ev], "o-", ms=3, color=f"C{i}", label=r["name"])
+            if k == "knn_acc":
+                a.axhline(r["knn_acc_raw_pixels"], color=f"C{i}", ls="--", lw=0.8)
+                a.axhline(r["knn_acc_random_init"], color=f"C{i}", ls="-.", lw=0.8)
+        min_span(a, 1.0 if "ratio" in k else 0.1)
+        a.set_title(lab + ("\n(dashed: raw pixels, dash-dot: random init)" if k == "knn_acc" else ""), fontsize=9)
+        a.set_xlabel("step (64 images each)")
+    ax[0].legend(fontsize=7)
+    if extra:  # where in depth: max/median patch norm per layer at the last evaluation (registers paper Fig. 4)
+        a = ax[-1]
+        for i, r in enumerate(runs):
+            last = [e for e in r["evals"] if e.get("patch_norm_max_ratio_per_layer")]
+            if last:
+                a.plot(last[-1]["patch_norm_max_ratio_per_layer"], "o-", ms=3, color=f"C{i}",
+                       label=f"{r['name']}, step {last[-1]['step']}")
+        min_span(a, 1.0)
+        a.set_title("max / median patch norm per layer\n(last evaluation; 0 = embedding)", fontsize=9)
+        a.set_xlabel("layer")
+        a.legend(fontsize=7)
+    fig.suptitle(f"{kind}: nano ViT on --dataset textures, up to 32 epochs (4,992 steps); 2-core CPU", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")
@@ -452,8 +557,8 @@ def main():
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "results"), help="Where the runs go (one "
                    "folder each); finished runs with the same configuration are reused.")
     p.add_argument("--assets", default=os.path.join(ROOT, "assets"), help="Where results.json and the PNGs go.")
-    p.add_argument("--only", choices=("storage", "collapse", "learnable"), default=None, help="One of the "
-                   "experiments.")
+    p.add_argument("--only", choices=("storage", "collapse", "learnable", "storage_long", "signal_long"), default=None,
+                   help="One of the experiments.")
     p.add_argument("--seeds", type=int, default=3, help="Seeds per register count (docs/results.md has 3).")
     p.add_argument("--registers", type=int, nargs="+", default=list(REGISTERS), help="Register counts to run "
                    "now; the others keep their entries of an existing results.json.")
@@ -478,6 +583,9 @@ def main():
         results["collapse"] = {"preset": dm.PRESETS["collapse"], "runs": collapse(a.runs_dir, a.assets)}
     if a.only in (None, "learnable"):
         results["learnable_data"], results["learnable_data_screens"] = learnable(a.runs_dir, a.assets, results)
+    for kind in LONG:
+        if a.only in (None, kind):
+            results[kind] = long_runs(kind, a.runs_dir, a.assets, results)
     results["hardware"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     results["outlier_rule"] = f"norm > median + {dm.OUTLIER_K:g} x 1.4826 x MAD and > 2 x median (patch output norms)"
     with open(path, "w") as f:

@@ -2106,7 +2106,7 @@ def make_scenes(split="train", n=None, size=32, seed=0):
 # grayscale, blur and solarisation, and a ViT's patches see it directly; raw pixels and a random-init ViT
 # do not separate the classes (bench/screen_data.py checks this).
 TEXTURES = ("stripes", "checker", "dots", "rings", "grid", "chevrons", "pinwheel", "waves", "blobs", "plain")
-TEXTURES_SIZES = {"train": 10000, "test": 2000}
+TEXTURES_SIZES = {"train": 10000, "test": 2000}  # the default sizes, and the images of one block (see make_textures)
 
 
 def texture_pattern(cls, u, v, f, noise):
@@ -2133,12 +2133,13 @@ def texture_pattern(cls, u, v, f, noise):
     return out
 
 
-def texture_draws(split="train", size=32, seed=0, palette=None):
-    """Every random number of a `textures` split, drawn in a fixed order for all of its images (so image i does
-    not depend on how many are rendered): a dict of tensors whose first dimension is the split's size.
-    `palette`, if given, maps the four colours (n,3,1,1) before the object's are kept apart from the background."""
+def texture_draws(split="train", size=32, seed=0, palette=None, block=0):
+    """Every random number of one block of a `textures` split (TEXTURES_SIZES[split] images), drawn in a fixed
+    order for all of its images (so image i does not depend on how many are rendered): a dict of tensors whose
+    first dimension is the block's size. `palette`, if given, maps the four colours (n,3,1,1) before the
+    object's are kept apart from the background."""
     N = TEXTURES_SIZES[split]
-    g = torch.Generator().manual_seed(seed * 1_000_003 + {"train": 0, "test": 500_000}[split] + 77)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + {"train": 0, "test": 500_000}[split] + 77 + 7919 * block)
     U = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
     d = dict(c1=U(N, 3, 1, 1), c2=U(N, 3, 1, 1), bg_angle=U(N, 1, 1) * 2 * math.pi, bg_kind=U(N, 1, 1))
     d["labels"] = torch.randint(len(TEXTURES), (N,), generator=g)
@@ -2186,12 +2187,18 @@ def render_textures(d, sl, size=32):
 
 def make_textures(split="train", n=None, size=32, seed=0, chunk=1000):
     """The `textures` dataset: (images uint8 (n,3,S,S), labels (n,) in 0..9, masks uint8 (n,S,S): 0 =
-    background, label + 1 = the object). Deterministic from (seed, split): the whole split is drawn, the
-    first n are rendered; the same scenes render at any resolution (32, 64, ...; only the pixel noise differs)."""
-    d = texture_draws(split, size, seed)
-    n = len(d["labels"]) if n is None else n
-    out = [render_textures(d, slice(a, min(n, a + chunk)), size) for a in range(0, n, chunk)]
-    return torch.cat([o[0] for o in out]), d["labels"][:n], torch.cat([o[1] for o in out])
+    background, label + 1 = the object). Deterministic from (seed, split): images come in blocks of
+    TEXTURES_SIZES[split] (the default n), each block drawn whole from its own generator and the first n images
+    rendered, so image i never depends on n; the same scenes render at any resolution (32, 64, ...; only the
+    pixel noise differs)."""
+    B = TEXTURES_SIZES[split]
+    n = B if n is None else n
+    out, labels = [], []
+    for b in range(math.ceil(n / B)):
+        d, m = texture_draws(split, size, seed, block=b), min(B, n - b * B)
+        out += [render_textures(d, slice(a, min(m, a + chunk)), size) for a in range(0, m, chunk)]
+        labels.append(d["labels"][:m])
+    return torch.cat([o[0] for o in out]), torch.cat(labels), torch.cat([o[1] for o in out])
 
 
 # The published MD5s of the archives, and of CIFAR's pickled batches (as torchvision's dataset classes check
@@ -2337,9 +2344,6 @@ def load_data(args):
         xt, yt, mt = make_scenes("test", SCENES_SIZES["test"], size, args.seed)
         return x, x, y, xt, yt, mt
     if name == "textures":
-        if (args.num_images or 0) > TEXTURES_SIZES["train"]:
-            raise UsageError(f"--num-images {args.num_images}: the textures dataset has "
-                             f"{TEXTURES_SIZES['train']} training images; give at most that many")
         x, y, _ = make_textures("train", args.num_images, size, args.seed)
         xt, yt, mt = make_textures("test", None, size, args.seed)
         return x, x, y, xt, yt, mt
@@ -2426,8 +2430,8 @@ def get_args_parser():
     a("--local-scale", type=float, nargs=2, default=(0.05, 0.32), help="Area range of local crops (reference "
       "0.05 0.32). Above ~0.4 local and global views overlap so much that the task becomes trivial.")
     a = group["data"].add_argument
-    a("--num-images", type=int, default=None, help="Cap the training set for quick runs (scenes and textures "
-      "have 10000).")
+    a("--num-images", type=int, default=None, help="Training images: a cap for quick runs; for the generated "
+      "`textures` and `scenes`, any number (default 10000).")
     a("--workers", type=int, default=4, help="Threads used to decode image files for `folder`/`imagenette`.")
     a = group["model"].add_argument
     a("--model", default="nano", choices=list(MODELS), help="Preset: nano (64-d, 6 layers, 2 heads; CPU), "

@@ -21,7 +21,7 @@ Papers: DINO (Caron et al. 2021, arXiv 2104.14294), iBOT (Zhou et al. 2021, arXi
 DINOv2 (Oquab et al. 2023, arXiv 2304.07193), Vision Transformers Need Registers (Darcet et al. 2023,
 arXiv 2309.16588), DINOv3 (Simeoni et al. 2025, arXiv 2508.10104).
 
-    python dinov3_mini.py                                   # CPU: nano ViT on `scenes`, about 10 min on 2 cores
+    python dinov3_mini.py                                   # CPU: nano ViT on `textures`, about 10 min on 2 cores
     python dinov3_mini.py --dataset cifar10 --registers 4   # GPU: the classic run (bf16 autocast)
     python dinov3_mini.py --gram --gram-teacher-epoch 10 --gram-start 20 --epochs 60
 
@@ -1473,7 +1473,7 @@ def dense_structure(patches, group=8, local_k=3, global_k=24, seed=0):
 
 def analyze(tok, labels=None, masks=None):
     """Every number of the two failures from collect_tokens' output; labels (N,) and masks (N,S,S) when the
-    dataset has them (mask-based figures need `scenes`). Returns (metrics, per-token details for plots)."""
+    dataset has them (mask-based figures need `textures` or `scenes`). Returns (metrics, per-token details for plots)."""
     N, R, P = tok["cls"].shape[0], tok["registers"].shape[1], tok["patches"].shape[1]
     out_norms = tok["norms"][-1]  # (N, T) residual stream after the last block
     cls_n, reg_n, patch_n = out_norms[:, 0], out_norms[:, 1:1 + R], out_norms[:, 1 + R:]
@@ -1534,7 +1534,7 @@ def analyze(tok, labels=None, masks=None):
         m["similarity_locality"], m["similarity_locality_chance"] = similarity_locality(tok["patches"], lab)
     else:
         m["skipped"] += ["outlier_background_share", "dense_miou", "dense_fg_miou",
-                         "similarity_locality (need per-pixel masks: --dataset scenes)"]
+                         "similarity_locality (need per-pixel masks: --dataset textures or scenes)"]
     return m, {"outliers": outl, "patch_norms": patch_n, "register_norms": reg_n, "cls_norms": cls_n,
                "cls_attn": tok["attn"], "reg_attn": tok["reg_attn"]}
 
@@ -2412,10 +2412,10 @@ def get_args_parser():
       "artifacts: 0 registers, LayerScale off, lr 1e-2, no layer decay, instruments every epoch; collapse: the "
       "same with 4 registers (add --gram ...). Flags given explicitly override it.")
     a = group["data"].add_argument
-    a("--dataset", default="scenes", choices=DATASETS, help="`scenes` and `textures` are built in and need no "
+    a("--dataset", default="textures", choices=DATASETS, help="`textures` and `scenes` are built in and need no "
       "download (textures: one large object whose surface texture is its class, learnable at small scale; "
-      "scenes: a small shape among distractors); the others download into --data-dir on first use (`folder`: "
-      "any folder of class subfolders).")
+      "scenes: a small shape among distractors, not learnt at CPU scale); the others download into --data-dir "
+      "on first use (`folder`: any folder of class subfolders).")
     a("--data-dir", default="./data", help="Where datasets live or are downloaded to; point it at an existing "
       "copy to skip the download (for `folder`: the folder itself, optionally with train/ and val/).")
     a("--image-size", type=int, default=None, help="Global crop size in pixels (reference 224). Default: the "
@@ -2668,7 +2668,7 @@ def main(argv=None):
         sys.exit(130)
     except DataUnavailable as e:
         print(f"error: the {args.dataset} data could not be loaded: {e}. This machine may have no network. "
-              f"`--dataset scenes` is built in and needs no download; or point --data-dir at an existing copy "
+              f"`--dataset textures` and `--dataset scenes` are built in and need no download; or point --data-dir at an existing copy "
               f"(for cifar10, the folder that holds cifar-10-batches-py/; for stl10, stl10_binary/; for imagenette, "
               f"imagenette2-160/; for folder, the image folder itself).", file=sys.stderr)
         sys.exit(1)

@@ -53,7 +53,7 @@ sys.path.insert(0, HERE)
 import dinov3_mini as dm  # noqa: E402
 import benchmark as bm  # noqa: E402  (bench/benchmark.py)
 
-DATASET = "scenes"  # the built-in dataset every run of part 4 trains on: switch it here (or --dataset)
+DATASET = "textures"  # the built-in dataset every run of part 4 trains on: switch it here (or --dataset)
 # |bf16 - fp32| <= rtol * |fp32| + atol for each loss part of one step from the same weights and crops. bf16 keeps
 # 8 bits of mantissa (relative rounding 2^-9 per operation); the cross-entropies sit near ln K (about 8.3) and
 # move by ~1e-4 between precisions on a CPU (tiny at init), KoLeo by ~1e-3, the Gram MSE (a difference of two

@@ -10,10 +10,10 @@ same configuration is reused, so an interrupted sweep continues where it stopped
 `python dinov3_mini.py <flags>` (the command is printed and stored in results.json), then measured with
 the instruments of dinov3_mini (analyze_run for the storage runs, log.jsonl for the collapse runs).
 
-storage: `--preset artifacts` with 0, 1, 2, 4 registers x seeds -> outlier fraction (mean, spread),
+storage: `--dataset scenes --preset artifacts` with 0, 1, 2, 4 registers x seeds -> outlier fraction (mean, spread),
          where the outliers sit, bimodality and max/median of the patch norms, the registers' norms;
          assets/storage_norms.png (norm histograms and maps, 0 vs 4 registers).
-collapse: `--preset collapse` without Gram anchoring, with an early Gram teacher and with a late one (seeds 0; the
+collapse: `--dataset scenes --preset collapse` without Gram anchoring, with an early Gram teacher and with a late one (seeds 0; the
          first two also seed 1) ->
          k-NN and dense quality per epoch, peak and final; assets/collapse_curves.png and
          assets/collapse_maps.png (PCA and similarity maps: early teacher, baseline end, Gram ends).
@@ -45,7 +45,7 @@ sys.path.insert(0, ROOT)
 import dinov3_mini as dm  # noqa: E402
 
 REGISTERS = (0, 1, 2, 4)
-COLLAPSE = {  # name -> flags on top of --preset collapse (3 epochs); *_s1: the same runs with another seed
+COLLAPSE = {  # name -> flags on top of --dataset scenes --preset collapse (3 epochs); *_s1: the same runs with another seed
     "collapse_base": [],
     "collapse_gram_early": ["--gram", "--gram-teacher-epoch", "1", "--gram-start", "1"],
     "collapse_gram_late": ["--gram", "--gram-teacher-epoch", "2", "--gram-start", "2"],
@@ -108,7 +108,7 @@ def storage(runs_dir, registers, seeds, assets, table):
     for r in registers:
         rows = []
         for s in range(seeds):
-            flags = ["--preset", "artifacts", "--registers", str(r), "--seed", str(s)]
+            flags = ["--dataset", "scenes", "--preset", "artifacts", "--registers", str(r), "--seed", str(s)]
             out, summary, cmd = run(f"artifacts_r{r}_s{s}", flags, runs_dir)
             if out is None:
                 continue
@@ -225,7 +225,7 @@ def init_point(out, knn0=None):
 def collapse(runs_dir, assets):
     res, folders, zeros = {}, {}, {}
     for name, extra in COLLAPSE.items():
-        out, summary, cmd = run(name, ["--preset", "collapse"] + extra, runs_dir)
+        out, summary, cmd = run(name, ["--dataset", "scenes", "--preset", "collapse"] + extra, runs_dir)
         if out is None:
             continue
         seed = name.endswith("_s1")  # runs of one seed share data, shape and init: one epoch 0 per seed

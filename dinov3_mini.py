@@ -2636,26 +2636,17 @@ def main(argv=None):
     t_start = time.time()  # the reported wall time is what the user waited: setup, training, evaluation
     parser = get_args_parser()
     args = parse_args(parser, argv)
-    if args.analyze or args.plot_log:
-        try:
+    try:
+        if args.analyze or args.plot_log:
             if args.plot_log:
                 print(f"wrote {plot_log(args.plot_log)}")
             return analyze_command(args) if args.analyze else None
-        except (UsageError, CheckpointError) as e:
-            parser.error(str(e))
-        except WeightsUnavailable as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-        except DataUnavailable as e:
-            print(f"error: the data of the analysed run could not be loaded: {e}.", file=sys.stderr)
-            sys.exit(1)
-    ck = os.path.join(args.out_dir, "checkpoint.pt")
-    if os.path.exists(ck) and not (args.resume or args.overwrite):
-        parser.error(f"{args.out_dir} already holds a run (checkpoint.pt). Add --resume to continue it, "
-                     "--overwrite to start again in its place, or choose another --out-dir.")
-    if args.resume and not os.path.exists(ck):
-        parser.error(f"--resume: there is no checkpoint.pt in {args.out_dir} to continue from.")
-    try:
+        ck = os.path.join(args.out_dir, "checkpoint.pt")
+        if os.path.exists(ck) and not (args.resume or args.overwrite):
+            parser.error(f"{args.out_dir} already holds a run (checkpoint.pt). Add --resume to continue it, "
+                         "--overwrite to start again in its place, or choose another --out-dir.")
+        if args.resume and not os.path.exists(ck):
+            parser.error(f"--resume: there is no checkpoint.pt in {args.out_dir} to continue from.")
         done = finished_run(args.out_dir, args) if args.resume else None
         if done is not None:
             print(f"{args.out_dir} holds a complete run ({done['config']['epochs']} epochs, step {done['steps']}, "
@@ -2663,20 +2654,28 @@ def main(argv=None):
                   f"above {done['config']['epochs']} and --resume again.")
             return done
         return train(args, t_start)
-    except KeyboardInterrupt:  # during setup (the training loop itself saves and exits on Ctrl-C)
-        print(f"interrupted before the first training step; nothing was written to {args.out_dir}.", file=sys.stderr)
+    # a user's mistake or a missing file: one paragraph and a non-zero exit, never a traceback
+    except KeyboardInterrupt:  # during setup or an analysis (the training loop itself saves and exits on Ctrl-C)
+        print("interrupted" + ("." if args.analyze or args.plot_log else
+                               f" before the first training step; nothing was written to {args.out_dir}."),
+              file=sys.stderr)
         sys.exit(130)
-    except DataUnavailable as e:
-        print(f"error: the {args.dataset} data could not be loaded: {e}. This machine may have no network. "
-              f"`--dataset textures` and `--dataset scenes` are built in and need no download; or point --data-dir at an existing copy "
-              f"(for cifar10, the folder that holds cifar-10-batches-py/; for stl10, stl10_binary/; for imagenette, "
-              f"imagenette2-160/; for folder, the image folder itself).", file=sys.stderr)
-        sys.exit(1)
     except UsageError as e:
         parser.error(str(e))
     except CheckpointError as e:
         print(f"error: cannot use the checkpoint: {e}. Nothing was overwritten.", file=sys.stderr)
         sys.exit(2)
+    except WeightsUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except DataUnavailable as e:
+        print(f"error: the data of the analysed run could not be loaded: {e}." if args.analyze else
+              f"error: the {args.dataset} data could not be loaded: {e}. This machine may have no network. "
+              f"`--dataset textures` and `--dataset scenes` are built in and need no download; or point "
+              f"--data-dir at an existing copy (for cifar10, the folder that holds cifar-10-batches-py/; for "
+              f"stl10, stl10_binary/; for imagenette, imagenette2-160/; for folder, the image folder itself).",
+              file=sys.stderr)
+        sys.exit(1)
     except FloatingPointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(3)

@@ -635,15 +635,20 @@ def part_summary(s):
     out = {"pngs": []}
     base = {k: v for k, v in runs.items() if not k.endswith("_s1")}
 
-    def curve(ax, key, names, label_fn=lambda n: n):
+    def curve(ax, key, names, title=None):
+        """One instrument per epoch for the runs `names`; with a title, also the axis label and legend."""
         for nm in names:
             ev = runs[nm]["evals"]
             pts = [(e["epoch"], e[key]) for e in ev if e.get(key) is not None]
             if pts:
-                ax.plot(*zip(*pts), "o-", ms=3, label=label_fn(nm))
+                ax.plot(*zip(*pts), "o-", ms=3, label=nm)
         lo, hi = ax.get_ylim()
         mid = (lo + hi) / 2
         ax.set_ylim(min(lo, mid - 0.02), max(hi, mid + 0.02))  # at least 0.04 tall: no wiggle drawn as a trend
+        if title:
+            ax.set_title(title)
+            ax.set_xlabel("epoch")
+            ax.legend(fontsize=7)
     # learning curves: k-NN of every run (with (a)'s baselines), DINO loss / ln K
     fig = Figure(figsize=(15, 4))
     ax = fig.subplots(1, 3)
@@ -677,10 +682,7 @@ def part_summary(s):
         for j, (key, title) in enumerate((("outlier_fraction", "outlier fraction"), ("patch_norm_max_ratio",
                                           "max / median patch norm"), ("patch_write_median", "write ratio (median)"),
                                           ("register_norm_mean", "register norm (mean)"))):
-            curve(ax[0, j], key, bnames)
-            ax[0, j].set_title(title)
-            ax[0, j].set_xlabel("epoch")
-            ax[0, j].legend(fontsize=7)
+            curve(ax[0, j], key, bnames, title)
         final = {}
         for i, nm in enumerate(bnames):
             if s.left() < 15:
@@ -721,13 +723,10 @@ def part_summary(s):
         for x, (key, title) in zip(ax, (("knn_acc", "k-NN (CLS)"), ("dense_fg_miou", "object/background mIoU"),
                                         ("dense_miou", "11-class dense mIoU"),
                                         ("similarity_locality", "similarity locality"))):
-            curve(x, key, cnames)
             g = runs.get("c_collapse_gram", {}).get("gram_start")
             if g is not None:
                 x.axvline(g, color="gray", ls=":", lw=1, label="Gram teacher taken, Gram on")
-            x.set_title(title)
-            x.set_xlabel("epoch")
-            x.legend(fontsize=7)
+            curve(x, key, cnames, title)
         fig.suptitle("(c) signal: --preset collapse, without and with Gram anchoring (early Gram teacher)")
         fig.tight_layout()
         path = os.path.join(s.a.out, "dense_curves.png")

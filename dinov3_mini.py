@@ -892,11 +892,19 @@ def safe_load(path):
         raise CheckpointError(f"{path} is truncated or corrupt and cannot be read ({type(e).__name__})") from None
 
 
+def save_teacher(out_dir, epoch, step, teacher_backbone, args):
+    """--keep-teachers: the EMA teacher's backbone at an evaluation, as out_dir/teachers/epoch{E}.pt, a small
+    checkpoint that --analyze and --gram-teacher read (the Gram teacher can then be taken at a dense peak)."""
+    path = os.path.join(out_dir, "teachers", f"epoch{epoch}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_checkpoint(path, {"teacher_backbone": teacher_backbone.state_dict(), "step": step, "args": vars(args)})
+
+
 def load_checkpoint(path, args=None):
     """Load a checkpoint dict; refuse (CheckpointError) one that is truncated, carries code, is not ours, or is
     of another model."""
     ck = safe_load(path)
-    if not isinstance(ck, dict) or "teacher" not in ck or "args" not in ck:
+    if not isinstance(ck, dict) or "teacher_backbone" not in ck or "args" not in ck:
         raise CheckpointError(f"{path} is not a dinov3_mini checkpoint")
     if args is not None:
         diff = [f"{k}: checkpoint {ck['args'].get(k)} vs now {getattr(args, k)}" for k in ARCH_KEYS
@@ -1192,6 +1200,8 @@ def train(args, t_start=None):
                 log.bar.update(1)
             if epoch_end and ((step // steps_per_epoch) % args.eval_every == 0 or step == total_steps):
                 knn_acc = evaluate(step, step // steps_per_epoch, teacher.backbone, eval_data, args, device, log)
+                if master and args.keep_teachers:
+                    save_teacher(args.out_dir, step // steps_per_epoch, step, teacher.backbone, args)
             if master and (epoch_end or stop.signal is not None):
                 save_checkpoint(ck_path, checkpoint_state(step))
             stop.exit_if_signalled(ck_path, step)
@@ -2522,6 +2532,8 @@ def get_args_parser():
       "(reference 1), a stabiliser from DINO.")
     a = group["run and output"].add_argument
     a("--eval-every", type=int, default=4, help="Run k-NN every this many epochs (and always at the end).")
+    a("--keep-teachers", action="store_true", help="At every evaluation also keep the EMA teacher's backbone as "
+      "teachers/epochE.pt in --out-dir (for --analyze along the run, or as a --gram-teacher taken at a dense peak).")
     a("--knn-k", type=int, default=20, help="k of the weighted k-NN (reference 20).")
     a("--knn-temp", type=float, default=0.07, help="Temperature of the k-NN vote weights (reference 0.07).")
     a("--out-dir", default="out", help="Where checkpoint.pt, log.jsonl and summary.json go.")

@@ -855,8 +855,13 @@ def test_batch_larger_than_dataset(tmp_path, capsys):
 
 def test_gram_teacher_from_checkpoint(tmp_path, capsys):
     first = str(tmp_path / "first")
-    m.main(TINY + ["--epochs", "1", "--out-dir", first])
-    ck = os.path.join(first, "checkpoint.pt")
+    m.main(TINY + ["--epochs", "2", "--eval-every", "1", "--keep-teachers", "--out-dir", first])
+    ck = os.path.join(first, "teachers", "epoch1.pt")  # --keep-teachers: the EMA teacher at each evaluation
+    kept = [torch.load(os.path.join(first, "teachers", f"epoch{e}.pt"), weights_only=True) for e in (1, 2)]
+    assert [k["step"] for k in kept] == [4, 8] and set(kept[0]) == {"teacher_backbone", "step", "args"}
+    final = torch.load(os.path.join(first, "checkpoint.pt"), weights_only=True)["teacher_backbone"]
+    assert all(torch.equal(kept[1]["teacher_backbone"][k], final[k]) for k in final)
+    assert not torch.equal(kept[0]["teacher_backbone"]["cls_token"], final["cls_token"])
     summary = m.main(TINY + ["--epochs", "1", "--out-dir", str(tmp_path / "b"), "--gram", "--gram-teacher", ck,
                              "--gram-start", "0"])
     assert math.isfinite(summary["knn_acc"])

@@ -53,7 +53,7 @@ COLLAPSE = {  # name -> flags on top of --dataset scenes --preset collapse (3 ep
     "collapse_gram_early_s1": ["--gram", "--gram-teacher-epoch", "1", "--gram-start", "1", "--seed", "1"],
 }
 NO_TRAIN = False  # --no-train: measure only the runs that exist
-IGNORED = {"out_dir", "no_progress", "overwrite", "resume", "device", "preset", "compile"}  # not part of a run's identity
+IGNORED = {"out_dir", "no_progress", "overwrite", "resume", "device", "preset", "compile", "keep_teachers"}  # not part of a run's identity
 
 
 def run(name, flags, runs_dir):
@@ -325,11 +325,12 @@ LEARNABLE = {**{f"textures_s{s}": ["--dataset", "textures", "--epochs", "10", "-
                 for s in (0, 1)},
              "default_textures": ["--dataset", "textures"],  # the default run (3 epochs) on textures
              "default_textures_k256": ["--dataset", "textures", "--prototypes", "256"],  # ... with K = 256
-             **{f"long_textures_s{s}": ["--dataset", "textures", "--epochs", "32", "--eval-every", "2", "--seed", str(s)]
-                for s in (0, 1)}}  # 32 epochs = 4,992 steps
+             **{f"long_textures_s{s}": ["--dataset", "textures", "--epochs", "32", "--eval-every", "2", "--seed", str(s),
+                                        "--keep-teachers"] for s in (0, 1)}}  # 32 epochs = 4,992 steps
 # The long runs of the two failures on textures, 32 epochs (4,992 steps) each: name -> flags.
 LONG = {"storage_long": {f"long_artifacts_r{r}": ["--dataset", "textures", "--preset", "artifacts", "--registers",
-                                                  str(r), "--epochs", "32", "--eval-every", "4"] for r in (0, 4)},
+                                                  str(r), "--epochs", "32", "--eval-every", "4", "--keep-teachers"]
+                                 for r in (0, 4)},
         "signal_long": {"long_textures_s0": LEARNABLE["long_textures_s0"],  # the default recipe: iBOT on
                         "long_textures_noibot": LEARNABLE["long_textures_s0"] + ["--ibot-weight", "0"]}}
 SCREENS = ("shapes", "scenes", "glyphs", "fractals")  # bench/screen_data.py --ssl NAME runs, if present

@@ -20,6 +20,7 @@ collapse: `--dataset scenes --preset collapse` without Gram anchoring, with an e
 storage_long / signal_long: the long runs of the two failures on `textures` (32 epochs, 4,992 steps; `LONG` below):
          artifacts preset with 0 and 4 registers; the default recipe with iBOT on and off. Every instrument at every
          evaluation -> results.json "storage_long" / "signal_long", assets/storage_long.png / signal_long.png.
+storage_screens: 8-epoch screens of the conditions named for high-norm tokens (depth, weight decay, lr, 64 px).
 learnable: the default recipe on the built-in `textures` data, seeds 0 and 1, for 10 epochs (--eval-every 1) and 32
          (4,992 steps, --eval-every 2), and the default 3-epoch run on it (also with --prototypes 256) ->
          results.json "learnable_data" (one entry per run: k-NN against both baselines, and the curve of k-NN,
@@ -333,6 +334,14 @@ LONG = {"storage_long": {f"long_artifacts_r{r}": ["--dataset", "textures", "--pr
                                  for r in (0, 4)},
         "signal_long": {"long_textures_s0": LEARNABLE["long_textures_s0"],  # the default recipe: iBOT on
                         "long_textures_noibot": LEARNABLE["long_textures_s0"] + ["--ibot-weight", "0"]}}
+# Short screens of the conditions the literature names for high-norm tokens (8 epochs, 1,248 steps, 0 registers):
+# the free-writing setting as it is, 12 blocks at nano width, a high constant weight decay, a 3x higher lr (same
+# warmup), and 64 px images (256 patches, 4x the flat background; 5,000 images to keep the time).
+SCREEN = ["--dataset", "textures", "--preset", "artifacts", "--registers", "0", "--epochs", "8", "--eval-every", "2",
+          "--keep-teachers"]
+LONG["storage_screens"] = {"screen_base": SCREEN, "screen_depth12": SCREEN + ["--depth", "12"],
+                           "screen_wd": SCREEN + ["--weight-decay", "0.4", "0.4"], "screen_lr": SCREEN + ["--lr", "3e-2"],
+                           "screen_64px": SCREEN + ["--image-size", "64", "--num-images", "5000"]}
 SCREENS = ("shapes", "scenes", "glyphs", "fractals")  # bench/screen_data.py --ssl NAME runs, if present
 
 
@@ -505,13 +514,14 @@ LONG_PANELS = {"storage_long": (("knn_acc", "k-NN accuracy (CLS)"), ("outlier_fr
                "signal_long": (("knn_acc", "k-NN accuracy (CLS)"), ("dense_fg_miou", "object/background probe mIoU"),
                                ("similarity_locality", "similarity locality"), ("dse", "DSE (label-free)"),
                                ("patch_cls_cosine", "patch-CLS cosine"))}
+LONG_PANELS["storage_screens"] = LONG_PANELS["storage_long"]
 
 
 def draw_long(kind, runs, path):
     """The long runs' instruments per step, one panel per instrument; storage adds the per-layer max/median norm."""
     from matplotlib.figure import Figure
     panels = LONG_PANELS[kind]
-    extra = kind == "storage_long"
+    extra = kind.startswith("storage")
     fig = Figure(figsize=(3.3 * (len(panels) + extra), 3.6))
     ax = fig.subplots(1, len(panels) + extra)
     for a, (k, lab) in zip(ax, panels):
@@ -536,7 +546,8 @@ def draw_long(kind, runs, path):
         a.set_title("max / median patch norm per layer\n(last evaluation; 0 = embedding)", fontsize=9)
         a.set_xlabel("layer")
         a.legend(fontsize=7)
-    fig.suptitle(f"{kind}: nano ViT on --dataset textures, up to 32 epochs (4,992 steps); 2-core CPU", fontsize=10)
+    fig.suptitle(f"{kind}: nano ViT on --dataset textures, up to {max(r['epochs_planned'] for r in runs)} epochs; "
+                 f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")
@@ -558,7 +569,8 @@ def main():
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "results"), help="Where the runs go (one "
                    "folder each); finished runs with the same configuration are reused.")
     p.add_argument("--assets", default=os.path.join(ROOT, "assets"), help="Where results.json and the PNGs go.")
-    p.add_argument("--only", choices=("storage", "collapse", "learnable", "storage_long", "signal_long"), default=None,
+    p.add_argument("--only", choices=("storage", "collapse", "learnable", "storage_long", "signal_long",
+                                      "storage_screens"), default=None,
                    help="One of the experiments.")
     p.add_argument("--seeds", type=int, default=3, help="Seeds per register count (docs/results.md has 3).")
     p.add_argument("--registers", type=int, nargs="+", default=list(REGISTERS), help="Register counts to run "

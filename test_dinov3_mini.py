@@ -837,6 +837,22 @@ def test_results_script_reuses_same_config_and_refuses_another(tmp_path, capsys,
     assert results.long_runs("storage_long", str(tmp_path), str(tmp_path), {"storage_long": [rec]}) == [rec]
 
 
+def test_run_queue_runs_side_by_side_and_skips_finished(tmp_path, monkeypatch, capsys):
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import run_queue  # bench/run_queue.py: the named experiments of results.py, a few at a time
+    flags = [f for f in TINY if f != "--no-progress"] + ["--epochs", "1", "--analyze-images", "32"]
+    monkeypatch.setattr(run_queue.results, "LEARNABLE", {})
+    monkeypatch.setattr(run_queue.results, "LONG", {"k": {"a": flags, "b": flags + ["--registers", "0"]}})
+    run_queue.main(["a", "b", "--lanes", "2", "--runs-dir", str(tmp_path)])
+    for n, r in (("a", 4), ("b", 0)):
+        summary = json.load(open(tmp_path / n / "summary.json"))
+        assert summary["steps"] == 4 and summary["config"]["registers"] == r and (tmp_path / f"{n}.log").exists()
+    run_queue.main(["a", "--runs-dir", str(tmp_path)])
+    assert "a: finished, skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run_queue.main(["nope", "--runs-dir", str(tmp_path)])
+
+
 def test_existing_run_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -422,6 +422,7 @@ def learnable(runs_dir, assets, old):
                 print(f"{name}: no evaluation yet, left out")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import screen_data  # the candidates that are not in dinov3_mini
+    screens = dict(old.get("learnable_data_screens", {}).get("ssl", {}))  # measured before: kept unless found here
     for cand in SCREENS:
         out = os.path.join(runs_dir, f"screen_{cand}")
         if os.path.exists(os.path.join(out, "checkpoint.pt")):
@@ -433,7 +434,8 @@ def learnable(runs_dir, assets, old):
             screens[cand] = curve(out, json.load(open(sp)) if os.path.exists(sp) else None, cmd, ck_args["seed"],
                                   before.get(cmd))
     table = os.path.join(runs_dir, "screen.json")  # bench/screen_data.py's table: baselines, supervised ViT
-    screens = {"table": json.load(open(table)) if os.path.exists(table) else {}, "ssl": screens}
+    screens = {"table": json.load(open(table)) if os.path.exists(table) else
+               old.get("learnable_data_screens", {}).get("table", {}), "ssl": screens}
     draw_learnable(runs, screens["ssl"], os.path.join(assets, "textures_curves.png"))
     return runs, screens
 

@@ -406,14 +406,17 @@ class ViT(nn.Module):
         # block; in eval the tables are deterministic and computed once
         augment = self.training and (self.rope.shift > 0 or self.rope.jitter > 1 or self.rope.rescale > 1)
         rope = rope_tables()
-        norms, attns, x0 = [], [], x
+        norms, writes, attns, x0 = [], [], [], x
         for i, blk in enumerate(self.blocks):
             if return_norms:
                 norms.append(x.norm(dim=-1))
             if augment and i > 0:
                 rope = rope_tables()
+            x_in = x
             x, attn = blk(x, rope, return_attn)
             attns.append(attn)
+            if return_norms:  # what this block wrote into each token, relative to the token it was given
+                writes.append((x - x_in).norm(dim=-1) / x_in.norm(dim=-1).clamp_min(1e-6))
         if return_norms:
             norms.append(x.norm(dim=-1))
         x_out, x = x, self.norm(x)
@@ -427,6 +430,8 @@ class ViT(nn.Module):
             # started as: |x_L - x_0| / |x_0| (B, 1+R+N). Artifacts are tokens written to several times their
             # embedding's norm; CLS and registers start near 0, so theirs is huge by construction.
             out["write"] = (x_out - x0).norm(dim=-1) / x0.norm(dim=-1).clamp_min(1e-6)
+            out["block_write"] = (torch.stack(writes) if writes else  # (depth, B, 1+R+N): |x_l - x_l-1| / |x_l-1|
+                                  x_out.new_zeros(0, *x_out.shape[:2]))
         if return_attn:
             out["attn"] = attns
         return out
@@ -1318,6 +1323,7 @@ def collect_tokens(backbone, images, image_size, device, batch=128):
     """Run the backbone (eval mode) on uint8 images (N,3,S,S) and keep what the instruments read:
       norms (depth+1, N, T)   residual-stream norms before the final norm, T = 1 + R + P tokens
       write (N, P)            |x_L - x_0| / |x_0| of each patch: what the blocks wrote, relative to its embedding
+      block_write (depth, N, P)  the same for each block alone, relative to the token it was given
       cls (N,D), registers (N,R,D), patches (N,P,D)   after the final norm (what the heads and probes see)
       attn (N, heads, T)      the last layer's CLS attention row;  reg_attn (N, R, T) the registers' rows"""
     was_training = backbone.training
@@ -1326,12 +1332,13 @@ def collect_tokens(backbone, images, image_size, device, batch=128):
     for x in eval_batches(images, image_size, device, batch):
         out = backbone(x, return_norms=True, return_attn=True)
         a = out["attn"][-1].float()  # (b, heads, T, T)
-        for k, v in (("norms", out["norms"]), ("write", out["write"][:, 1 + R:]), ("cls", out["cls"]),
+        for k, v in (("norms", out["norms"]), ("write", out["write"][:, 1 + R:]),
+                     ("block_write", out["block_write"][:, :, 1 + R:]), ("cls", out["cls"]),
                      ("registers", out["registers"]), ("patches", out["patches"]), ("attn", a[:, :, 0]),
                      ("reg_attn", a[:, :, 1:1 + R].mean(1))):
             keep.setdefault(k, []).append(v.float().cpu())
     backbone.train(was_training)
-    tok = {k: torch.cat(v, dim=1 if k == "norms" else 0) for k, v in keep.items()}
+    tok = {k: torch.cat(v, dim=1 if k in ("norms", "block_write") else 0) for k, v in keep.items()}
     tok["grid"] = (image_size // backbone.patch_size,) * 2
     return tok
 
@@ -1496,6 +1503,7 @@ def analyze(tok, labels=None, masks=None):
          "patch_norm_median": patch_n.median().item(), "patch_norm_max": patch_n.max().item(),
          "patch_norm_max_ratio": (patch_n.max() / patch_n.median()).item(),  # artifacts: 3-10x
          "patch_write_median": tok["write"].median().item(), "patch_write_max": tok["write"].max().item(),
+         "patch_write_max_per_layer": tok["block_write"].flatten(1).max(1).values.tolist(),  # each block's largest
          "cls_norm_mean": cls_n.mean().item(),
          "register_norm_mean": reg_n.mean().item() if R else None,
          "patch_norm_bimodality": bimodality(patch_n),
@@ -1552,7 +1560,8 @@ def analyze(tok, labels=None, masks=None):
 INSTRUMENTS_LOGGED = ("dense_miou", "dense_fg_miou", "similarity_locality", "outlier_fraction", "patch_norm_median",
                       "patch_norm_max_ratio", "patch_norm_bimodality", "patch_write_median", "patch_write_max",
                       "register_norm_mean", "patch_effective_rank", "patch_cls_cosine", "dse", "cls_norm_mean",
-                      "register_cls_attention_share", "outlier_cls_attention_share", "patch_norm_max_ratio_per_layer")
+                      "register_cls_attention_share", "outlier_cls_attention_share", "patch_norm_max_ratio_per_layer",
+                      "patch_write_max_per_layer")
 
 
 def eval_instruments(backbone, x_test, y_test, test_masks, args, device):

@@ -312,6 +312,11 @@ def test_vit_outputs_and_registers_never_among_patches():
     w = {ls: m.ViT(image_size=32, patch_size=4, dim=32, depth=2, heads=2, num_registers=0, layerscale=ls)(
         x, return_norms=True)["write"][:, 1:].median().item() for ls in (1e-5, 0.0)}
     assert w[0.0] > 0.01 and w[1e-5] < 1e-3 * w[0.0]  # LayerScale 1e-5 scales the writes by ~1e-5
+    # per block: what each block wrote relative to its input; with one block that is the whole write
+    assert o["block_write"].shape == (2, 2, 25) and vit(x, return_norms=True)["block_write"].shape == (0, 2, 68)
+    one = m.ViT(image_size=32, patch_size=4, dim=32, depth=1, heads=2, num_registers=0, layerscale=0.0)
+    o1 = one(x, return_norms=True)
+    assert_close(o1["block_write"][0], o1["write"])
 
 
 def test_rope_depends_only_on_relative_offset():
@@ -1074,7 +1079,7 @@ def test_analyze_command_writes_pictures_and_every_metric(tmp_path, capsys):
     assert rec["type"] == "eval" and 0 <= rec["dense_miou"] <= 1 and rec["outlier_fraction"] is not None
     assert isinstance(rec["dse"], float) and 0 < rec["register_cls_attention_share"] < 1
     ratios = rec["patch_norm_max_ratio_per_layer"]  # one max/median per layer: the embedding, then each block
-    assert len(ratios) == 3 and min(ratios) >= 1  # TINY: depth 2
+    assert len(ratios) == 3 and min(ratios) >= 1 and len(rec["patch_write_max_per_layer"]) == 2  # TINY: depth 2
     metrics = m.main(["--analyze", out, "--analyze-images", "64"])
     saved = json.load(open(os.path.join(out, "analysis", "metrics.json")))
     for k in ("outlier_fraction", "outlier_background_share", "outlier_cls_attention_share", "register_norm_mean",

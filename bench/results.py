@@ -21,6 +21,7 @@ storage_long / signal_long: the long runs of the two failures on `textures` (32 
          artifacts preset with 0 and 4 registers; the default recipe with iBOT on and off. Every instrument at every
          evaluation -> results.json "storage_long" / "signal_long", assets/storage_long.png / signal_long.png.
 storage_screens: 8-epoch screens of the conditions named for high-norm tokens (depth, weight decay, lr, 64 px).
+recipe_screens: 10-epoch screens of the nano recipe on textures (teacher temperature held at 0.04, 256 prototypes).
 learnable: the default recipe on the built-in `textures` data, seeds 0 and 1, for 10 epochs (--eval-every 1) and 32
          (4,992 steps, --eval-every 2), and the default 3-epoch run on it (also with --prototypes 256) ->
          results.json "learnable_data" (one entry per run: k-NN against both baselines, and the curve of k-NN,
@@ -339,6 +340,11 @@ LONG = {"storage_long": {f"long_artifacts_r{r}": ["--dataset", "textures", "--pr
 # warmup), and 64 px images (256 patches, 4x the flat background; 5,000 images to keep the time).
 SCREEN = ["--dataset", "textures", "--preset", "artifacts", "--registers", "0", "--epochs", "8", "--eval-every", "2",
           "--keep-teachers"]
+# Screens of the nano recipe on textures, from the literature on a DINO loss stuck at ln K (docs/data.md "What
+# next"): the teacher temperature held at 0.04, then also 256 prototypes (10 epochs, 1,560 steps each).
+RECIPE = ["--dataset", "textures", "--epochs", "10", "--eval-every", "2"]
+LONG["recipe_screens"] = {"recipe_base": RECIPE, "recipe_t04": RECIPE + ["--teacher-temp", "0.04"],
+                          "recipe_t04_k256": RECIPE + ["--teacher-temp", "0.04", "--prototypes", "256"]}
 LONG["storage_screens"] = {"screen_base": SCREEN, "screen_depth12": SCREEN + ["--depth", "12"],
                            "screen_wd": SCREEN + ["--weight-decay", "0.4", "0.4"], "screen_lr": SCREEN + ["--lr", "3e-2"],
                            "screen_64px": SCREEN + ["--image-size", "64", "--num-images", "5000"]}
@@ -517,6 +523,7 @@ LONG_PANELS = {"storage_long": (("knn_acc", "k-NN accuracy (CLS)"), ("outlier_fr
                                ("similarity_locality", "similarity locality"), ("dse", "DSE (label-free)"),
                                ("patch_cls_cosine", "patch-CLS cosine"))}
 LONG_PANELS["storage_screens"] = LONG_PANELS["storage_long"]
+LONG_PANELS["recipe_screens"] = LONG_PANELS["signal_long"]
 
 
 def draw_long(kind, runs, path):
@@ -571,8 +578,7 @@ def main():
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "results"), help="Where the runs go (one "
                    "folder each); finished runs with the same configuration are reused.")
     p.add_argument("--assets", default=os.path.join(ROOT, "assets"), help="Where results.json and the PNGs go.")
-    p.add_argument("--only", choices=("storage", "collapse", "learnable", "storage_long", "signal_long",
-                                      "storage_screens"), default=None,
+    p.add_argument("--only", choices=("storage", "collapse", "learnable", *LONG), default=None,
                    help="One of the experiments.")
     p.add_argument("--seeds", type=int, default=3, help="Seeds per register count (docs/results.md has 3).")
     p.add_argument("--registers", type=int, nargs="+", default=list(REGISTERS), help="Register counts to run "

@@ -21,6 +21,7 @@ storage_long / signal_long: the long runs of the two failures on `textures` (32 
          artifacts preset with 0 and 4 registers; the default recipe with iBOT on and off. Every instrument at every
          evaluation -> results.json "storage_long" / "signal_long", assets/storage_long.png / signal_long.png.
 storage_screens: 8-epoch screens of the conditions named for high-norm tokens (depth, weight decay, lr, 64 px).
+signal_gram: the long run with Gram anchoring, the teacher from the dense (DSE) peak or from well after it.
 recipe_screens: 10-epoch screens of the nano recipe on textures (teacher temperature held at 0.04, 256 prototypes).
 learnable: the default recipe on the built-in `textures` data, seeds 0 and 1, for 10 epochs (--eval-every 1) and 32
          (4,992 steps, --eval-every 2), and the default 3-epoch run on it (also with --prototypes 256) ->
@@ -335,6 +336,11 @@ LONG = {"storage_long": {f"long_artifacts_r{r}": ["--dataset", "textures", "--pr
                                  for r in (0, 4)},
         "signal_long": {"long_textures_s0": LEARNABLE["long_textures_s0"],  # the default recipe: iBOT on
                         "long_textures_noibot": LEARNABLE["long_textures_s0"] + ["--ibot-weight", "0"]}}
+# Gram anchoring on the long run, its teacher taken at the DSE peak of the baseline (epoch 6, step 936) or well after
+# it (epoch 20); same seed as the baseline, and the local-crop norm kept tied as there.
+GRAM = LEARNABLE["long_textures_s0"] + ["--gram", "--no-untie-local-norm"]
+LONG["signal_gram"] = {"long_gram_peak": GRAM + ["--gram-teacher-epoch", "6", "--gram-start", "6"],
+                       "long_gram_late": GRAM + ["--gram-teacher-epoch", "20", "--gram-start", "20"]}
 # Short screens of the conditions the literature names for high-norm tokens (8 epochs, 1,248 steps, 0 registers):
 # the free-writing setting as it is, 12 blocks at nano width, a high constant weight decay, a 3x higher lr (same
 # warmup), and 64 px images (256 patches, 4x the flat background; 5,000 images to keep the time).
@@ -455,7 +461,7 @@ def min_span(a, span):
 
 def draw_learnable(runs, screens, path):
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(16, 3.8))
+    fig = Figure(figsize=(16, 5.0))
     ax = fig.subplots(1, 4)
     entries = [(r["command"].replace("python dinov3_mini.py --dataset ", ""), r, "-") for r in runs] + \
               [(f"{c} (screen, seed {r['seed']})", r, ":") for c, r in screens.items()]
@@ -470,10 +476,10 @@ def draw_learnable(runs, screens, path):
         min_span(a, 0.1)
         a.set_title(lab + ("\n(dashed: raw pixels, dash-dot: random-init ViT)" if k == "knn_acc" else ""), fontsize=9)
         a.set_xlabel("step (64 images each)")
-        a.legend(fontsize=7)
     fig.suptitle("The default recipe (nano ViT, 4 registers) on `--dataset textures` (epochs of 10k images), "
                  "and screens of other candidates")
-    fig.tight_layout()
+    fig.legend(*ax[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)  # one legend, below
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")
 
@@ -523,7 +529,7 @@ LONG_PANELS = {"storage_long": (("knn_acc", "k-NN accuracy (CLS)"), ("outlier_fr
                                ("similarity_locality", "similarity locality"), ("dse", "DSE (label-free)"),
                                ("patch_cls_cosine", "patch-CLS cosine"))}
 LONG_PANELS["storage_screens"] = LONG_PANELS["storage_long"]
-LONG_PANELS["recipe_screens"] = LONG_PANELS["signal_long"]
+LONG_PANELS["recipe_screens"] = LONG_PANELS["signal_gram"] = LONG_PANELS["signal_long"]
 
 
 def draw_long(kind, runs, path):
@@ -557,7 +563,8 @@ def draw_long(kind, runs, path):
         a.legend(fontsize=7)
     fig.suptitle(f"{kind}: nano ViT on --dataset textures, up to {max(r['epochs_planned'] for r in runs)} epochs; "
                  f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", fontsize=10)
-    fig.tight_layout()
+    fig.legend(*ax[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)  # one legend, below
+    fig.tight_layout(rect=(0, 0.16, 1, 1))
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")
 

@@ -1498,6 +1498,8 @@ def analyze(tok, labels=None, masks=None):
     cls_attn = tok["attn"].mean(1)  # (N, T) mean over heads
     f_cls, f_patch = F.normalize(tok["cls"], dim=-1), F.normalize(tok["patches"], dim=-1)
     cos_cls = (f_patch * f_cls[:, None]).sum(-1)  # (N, P) cosine of each patch to its image's CLS
+    layer_norms = tok["norms"][:, :, 1 + R:].flatten(1)  # (depth+1, N*P) patch norms after each layer
+    layer_median = layer_norms.median(1).values
     m = {"n_images": N, "outlier_rule": f"norm > median + {OUTLIER_K:g} x 1.4826 x MAD and > 2 x median",
          "outlier_fraction": outl.float().mean().item(),
          "patch_norm_median": patch_n.median().item(), "patch_norm_max": patch_n.max().item(),
@@ -1507,9 +1509,8 @@ def analyze(tok, labels=None, masks=None):
          "cls_norm_mean": cls_n.mean().item(),
          "register_norm_mean": reg_n.mean().item() if R else None,
          "patch_norm_bimodality": bimodality(patch_n),
-         "patch_norm_median_per_layer": tok["norms"][:, :, 1 + R:].flatten(1).median(1).values.tolist(),
-         "patch_norm_max_ratio_per_layer": (tok["norms"][:, :, 1 + R:].flatten(1).max(1).values /
-                                            tok["norms"][:, :, 1 + R:].flatten(1).median(1).values).tolist(),
+         "patch_norm_median_per_layer": layer_median.tolist(),
+         "patch_norm_max_ratio_per_layer": (layer_norms.max(1).values / layer_median).tolist(),
          "register_norm_mean_per_layer": tok["norms"][:, :, 1:1 + R].flatten(1).mean(1).tolist() if R else None,
          "register_cls_attention_share": cls_attn[:, 1:1 + R].sum(1).mean().item() if R else None,
          "patch_cls_cosine": cos_cls.mean().item(),

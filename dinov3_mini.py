@@ -1384,19 +1384,20 @@ def dense_probe(f_train, y_train, f_test, y_test, iters=100, wd=1e-4):
     mu, sd = f_train.mean(0), f_train.std(0).clamp_min(1e-6)
     a, b = (f_train - mu) / sd, (f_test - mu) / sd
     C = int(max(y_train.max(), y_test.max())) + 1
-    lin = nn.Linear(a.shape[1], C)
-    nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)  # a convex problem: zero init, no draw from the global RNG
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+    # a convex problem: zero init, and plain tensors (nn.Linear would draw its init from the global RNG, which
+    # the training shares: an evaluation must not change the run it measures)
+    W, bias = torch.zeros(C, a.shape[1], requires_grad=True), torch.zeros(C, requires_grad=True)
+    opt = torch.optim.LBFGS([W, bias], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(lin(a), y_train) + wd * lin.weight.pow(2).sum()
+        loss = F.cross_entropy(F.linear(a, W, bias), y_train) + wd * W.pow(2).sum()
         loss.backward()
         return loss
     with torch.enable_grad():
         opt.step(closure)
     with torch.no_grad():
-        pred = lin(b).argmax(1)
+        pred = F.linear(b, W, bias).argmax(1)
     ious = []
     for c in range(C):
         inter, union = ((pred == c) & (y_test == c)).sum(), ((pred == c) | (y_test == c)).sum()

@@ -685,6 +685,18 @@ def test_interrupt_and_resume_reproduce_uninterrupted_run(tmp_path, monkeypatch)
         assert torch.equal(a["student"][k], b["student"][k]), k
 
 
+def test_evaluating_does_not_change_the_training(tmp_path):
+    """An evaluation (k-NN, dense probes, DSE, ...) measures the run without changing it: evaluating after every
+    epoch or only at the end leaves the same weights, so --eval-every can be chosen freely."""
+    argv = TINY + ["--epochs", "2", "--analyze-images", "32"]
+    for ev in ("1", "2"):
+        m.main(argv + ["--eval-every", ev, "--out-dir", str(tmp_path / ev)])
+    a, b = (torch.load(str(tmp_path / ev / "checkpoint.pt"), weights_only=True) for ev in ("1", "2"))
+    assert len([1 for line in open(tmp_path / "1" / "log.jsonl") if '"eval"' in line]) == 2
+    for k in a["student"]:
+        assert torch.equal(a["student"][k], b["student"][k]), k
+
+
 def test_resume_refuses_other_config_and_corrupt_checkpoint(tmp_path, capsys):
     out = str(tmp_path / "run")
     m.main(TINY + ["--epochs", "1", "--out-dir", out])

@@ -4,6 +4,7 @@
     python bench/results.py --only storage  # just the register sweep (or: collapse, learnable, storage_long, ...)
     python bench/results.py --seeds 1       # fewer seeds (docs/results.md has 3)
     python bench/results.py --redraw        # collapse_curves.png again from assets/results.json, nothing run
+    python bench/results.py --draw-storage RUN_R0 RUN_R4   # storage_norms.png from two runs (0 and 4 registers)
 
 Runs go to --runs-dir (default runs/results/<name>); a folder that already holds a finished run with the
 same configuration is reused, so an interrupted sweep continues where it stopped. Every run is plain
@@ -593,9 +594,14 @@ def main():
     p.add_argument("--no-train", action="store_true", help="Measure only the runs that exist; train nothing.")
     p.add_argument("--redraw", action="store_true", help="Redraw collapse_curves.png from the stored "
                    "results.json in --assets; run and measure nothing.")
+    p.add_argument("--draw-storage", nargs=2, metavar=("RUN_R0", "RUN_R4"), default=None, help="Draw "
+                   "storage_norms.png from two run folders (0 and 4 registers, the same data); run nothing else.")
     a = p.parse_args()
     if a.redraw:
         redraw(a.assets)
+        return
+    if a.draw_storage:
+        draw_storage(dict(zip((0, 4), a.draw_storage)), os.path.join(a.assets, "storage_norms.png"))
         return
     global NO_TRAIN
     NO_TRAIN = a.no_train

@@ -1216,6 +1216,28 @@ def test_supervised_control_trains_logs_instruments_and_resumes(tmp_path):
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [2, 4, 6]
 
 
+def test_results_records_the_supervised_control(tmp_path, monkeypatch):
+    """bench/results.py --only storage_supervised: every evaluation of each control run, its final ViT measured
+    like --analyze, and the two figures (instruments per step; norms of 0 vs 4 registers on the same images)."""
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import results
+    import supervised_control
+    base = TINY + ["--dataset", "textures", "--batch", "16", "--eval-every", "2", "--warmup", "2", "--steps", "4",
+                   "--analyze-images", "32"]
+    flags = {f"sup_r{r}": ["--dataset", "textures", "--steps", "4", "--registers", str(r)] for r in (0, 4)}
+    for name, f in flags.items():
+        supervised_control.main(base + ["--registers", f[-1], "--out-dir", str(tmp_path / name)])
+    monkeypatch.setattr(results, "SUPERVISED", flags)
+    recs = results.supervised(str(tmp_path), str(tmp_path), {})
+    assert [r["registers"] for r in recs] == [0, 4] and all([e["step"] for e in r["evals"]] == [2, 4] for r in recs)
+    assert recs[0]["command"] == "python bench/supervised_control.py --dataset textures --steps 4 --registers 0"
+    assert all(r["final_analysis"]["outlier_fraction"] is not None for r in recs)
+    assert os.path.getsize(tmp_path / "storage_supervised.png") > 1000
+    assert os.path.getsize(tmp_path / "storage_supervised_norms.png") > 1000
+    kept = results.supervised(str(tmp_path / "elsewhere"), str(tmp_path), {"storage_supervised": recs})
+    assert kept == recs  # runs measured before whose folders are elsewhere: kept as they were
+
+
 def test_gpu_suite_smoke_runs_every_part(tmp_path):
     """bench/gpu_suite.py --smoke: every part on the CPU at toy size within its budget; the JSON holds every
     part without an error, and --out holds at most 8 plain files (what the device machine brings back)."""

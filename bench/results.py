@@ -141,6 +141,19 @@ def storage(runs_dir, registers, seeds, assets, table):
     return dict(sorted(table.items(), key=lambda kv: int(kv[0])))
 
 
+def load_backbone(out):
+    """The backbone a run folder measures: the EMA teacher of a dinov3_mini run, or the ViT of a
+    bench/supervised_control.py run (its checkpoint holds "vit"). Returns (backbone in eval mode, args)."""
+    ck = dm.safe_load(os.path.join(out, "checkpoint.pt"))
+    if "vit" not in ck:
+        backbone, args, _ = dm.load_teacher(out)
+        return backbone, args
+    args = argparse.Namespace(**ck["args"])
+    backbone = dm.build_backbone(args)
+    backbone.load_state_dict(ck["vit"])
+    return backbone.eval(), args
+
+
 def draw_storage(folders, path, n_maps=4):
     """folders: {registers: run folder} (0 and 4 registers, seed 0). Top row: the same n_maps test images for
     every run, those whose largest patch norm is highest in the run with the most outliers. Then one row per
@@ -150,7 +163,7 @@ def draw_storage(folders, path, n_maps=4):
     C = dm.TOKEN_COLORS
     runs = {}
     for r, out in folders.items():
-        backbone, args, _ = dm.load_teacher(out)
+        backbone, args = load_backbone(out)
         tok, d, m, images, _ = tokens(backbone, args)
         runs[r] = (tok, d, m, images)
     first = next(iter(runs.values()))[3]
@@ -530,7 +543,46 @@ LONG_PANELS = {"storage_long": (("knn_acc", "k-NN accuracy (CLS)"), ("outlier_fr
                                ("similarity_locality", "similarity locality"), ("dse", "DSE (label-free)"),
                                ("patch_cls_cosine", "patch-CLS cosine"))}
 LONG_PANELS["storage_screens"] = LONG_PANELS["storage_long"]
+LONG_PANELS["storage_supervised"] = (("test_acc", "test accuracy (linear head)"), ("knn_acc", "k-NN accuracy (CLS)"),
+                                     ("outlier_fraction", "high-norm outlier fraction"),
+                                     ("patch_norm_max_ratio", "max / median patch norm (output)"),
+                                     ("patch_norm_bimodality", "bimodality of patch norms"),
+                                     ("register_cls_attention_share", "CLS attention on the registers"))
 LONG_PANELS["recipe_screens"] = LONG_PANELS["signal_gram"] = LONG_PANELS["signal_long"]
+
+
+# The supervised control of the storage failure (bench/supervised_control.py): the same nano ViT trained with the
+# labels of `textures`, DeiT-III style, 5,000 steps, without and with 4 registers.
+SUPERVISED = {f"sup_textures_r{r}": ["--dataset", "textures", "--steps", "5000", "--registers", str(r)] for r in (0, 4)}
+
+
+def supervised(runs_dir, assets, old):
+    """storage_supervised: one entry per supervised-control run found in runs_dir (or kept from results.json):
+    its evaluations (every instrument), and the final ViT measured like --analyze (where the outliers sit, what
+    they hold); the norm figure of the two runs -> assets/storage_supervised_norms.png."""
+    before = {r["command"]: r for r in old.get("storage_supervised", [])}
+    res, folders = [], {}
+    for name, flags in SUPERVISED.items():
+        cmd = "python bench/supervised_control.py " + " ".join(flags)
+        out = os.path.join(runs_dir, name)
+        if not os.path.exists(os.path.join(out, "log.jsonl")):
+            if cmd in before:
+                res.append(before[cmd])
+            continue
+        ev = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+        backbone, args = load_backbone(out)
+        _, _, m, _, _ = tokens(backbone, args)
+        keys = ("outlier_fraction", "outlier_background_share", "background_share", "outlier_cls_attention_share",
+                "outlier_knn_acc", "normal_patch_knn_acc", "patch_norm_max_ratio", "patch_norm_bimodality")
+        res.append({"name": name, "command": cmd, "steps": ev[-1]["step"], "planned_steps": int(flags[3]),
+                    "wall_s": round(sum(e["train_s"] for e in ev), 1), "registers": args.registers,
+                    "final_analysis": {k: m.get(k) for k in keys}, "evals": ev})
+        folders[args.registers] = out
+    if res:
+        draw_long("storage_supervised", res, os.path.join(assets, "storage_supervised.png"))
+    if set(folders) == {0, 4}:
+        draw_storage(folders, os.path.join(assets, "storage_supervised_norms.png"))
+    return res
 
 
 def draw_long(kind, runs, path):
@@ -544,11 +596,12 @@ def draw_long(kind, runs, path):
         for i, r in enumerate(runs):
             ev = [e for e in r["evals"] if e.get(k) is not None]
             a.plot([e["step"] for e in ev], [e[k] for e in ev], "o-", ms=3, color=f"C{i}", label=r["name"])
-            if k == "knn_acc":
+            if k == "knn_acc" and "knn_acc_raw_pixels" in r:
                 a.axhline(r["knn_acc_raw_pixels"], color=f"C{i}", ls="--", lw=0.8)
                 a.axhline(r["knn_acc_random_init"], color=f"C{i}", ls="-.", lw=0.8)
         min_span(a, 1.0 if "ratio" in k else 0.1)
-        a.set_title(lab + ("\n(dashed: raw pixels, dash-dot: random init)" if k == "knn_acc" else ""), fontsize=9)
+        base = k == "knn_acc" and "knn_acc_raw_pixels" in runs[0]
+        a.set_title(lab + ("\n(dashed: raw pixels, dash-dot: random init)" if base else ""), fontsize=9)
         a.set_xlabel("step (64 images each)")
     ax[0].legend(fontsize=7)
     if extra:  # where in depth: max/median patch norm per layer at the last evaluation (registers paper Fig. 4)
@@ -562,7 +615,9 @@ def draw_long(kind, runs, path):
         a.set_title("max / median patch norm per layer\n(last evaluation; 0 = embedding)", fontsize=9)
         a.set_xlabel("layer")
         a.legend(fontsize=7)
-    fig.suptitle(f"{kind}: nano ViT on --dataset textures, up to {max(r['epochs_planned'] for r in runs)} epochs; "
+    length = (f"up to {max(r['epochs_planned'] for r in runs)} epochs" if "epochs_planned" in runs[0] else
+              f"supervised (bench/supervised_control.py), up to {max(r['steps'] for r in runs)} steps")
+    fig.suptitle(f"{kind}: nano ViT on --dataset textures, {length}; "
                  f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores", fontsize=10)
     fig.legend(*ax[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)  # one legend, below
     fig.tight_layout(rect=(0, 0.16, 1, 1))
@@ -586,7 +641,7 @@ def main():
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "results"), help="Where the runs go (one "
                    "folder each); finished runs with the same configuration are reused.")
     p.add_argument("--assets", default=os.path.join(ROOT, "assets"), help="Where results.json and the PNGs go.")
-    p.add_argument("--only", choices=("storage", "collapse", "learnable", *LONG), default=None,
+    p.add_argument("--only", choices=("storage", "collapse", "learnable", "storage_supervised", *LONG), default=None,
                    help="One of the experiments.")
     p.add_argument("--seeds", type=int, default=3, help="Seeds per register count (docs/results.md has 3).")
     p.add_argument("--registers", type=int, nargs="+", default=list(REGISTERS), help="Register counts to run "
@@ -617,6 +672,8 @@ def main():
         results["collapse"] = {"preset": dm.PRESETS["collapse"], "runs": collapse(a.runs_dir, a.assets)}
     if a.only in (None, "learnable"):
         results["learnable_data"], results["learnable_data_screens"] = learnable(a.runs_dir, a.assets, results)
+    if a.only in (None, "storage_supervised"):
+        results["storage_supervised"] = supervised(a.runs_dir, a.assets, results)
     for kind in LONG:
         if a.only in (None, kind):
             results[kind] = long_runs(kind, a.runs_dir, a.assets, results)

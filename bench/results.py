@@ -154,7 +154,7 @@ def load_backbone(out):
     return backbone.eval(), args
 
 
-def draw_storage(folders, path, n_maps=4):
+def draw_storage(folders, path, n_maps=4, how=None):
     """folders: {registers: run folder} (0 and 4 registers, seed 0). Top row: the same n_maps test images for
     every run, those whose largest patch norm is highest in the run with the most outliers. Then one row per
     run: its norm histogram (log) and the patch-norm map of each of those images (one colour scale per row,
@@ -216,8 +216,9 @@ def draw_storage(folders, path, n_maps=4):
             a.set_title(f"{r} reg: patch norms, image {i}", fontsize=9)
             a.set_xticks([]), a.set_yticks([])
         fig.colorbar(im, cax=fig.add_subplot(gs[row, -1])).set_label("patch norm", fontsize=8)
-    fig.suptitle("Storage: output norms of a nano ViT trained with --preset artifacts, "
-                 f"{' vs '.join(str(r) for r in runs)} registers\n(EMA teacher, {len(first)} test images)")
+    how = how or "trained with --preset artifacts (EMA teacher)"
+    fig.suptitle(f"Storage: output norms of a nano ViT {how}, {' vs '.join(str(r) for r in runs)} registers "
+                 f"({len(first)} test images)")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     print(f"wrote {path}")
@@ -581,7 +582,8 @@ def supervised(runs_dir, assets, old):
     if res:
         draw_long("storage_supervised", res, os.path.join(assets, "storage_supervised.png"))
     if set(folders) == {0, 4}:
-        draw_storage(folders, os.path.join(assets, "storage_supervised_norms.png"))
+        draw_storage(folders, os.path.join(assets, "storage_supervised_norms.png"),
+                     how="trained with labels (bench/supervised_control.py)")
     return res
 
 

@@ -575,7 +575,8 @@ def supervised(runs_dir, assets, old):
         _, _, m, _, _ = tokens(backbone, args)
         keys = ("outlier_fraction", "outlier_background_share", "background_share", "outlier_cls_attention_share",
                 "outlier_knn_acc", "normal_patch_knn_acc", "patch_norm_max_ratio", "patch_norm_bimodality")
-        res.append({"name": name, "command": cmd, "steps": ev[-1]["step"], "planned_steps": int(flags[flags.index("--steps") + 1]),
+        res.append({"name": name, "command": cmd, "steps": ev[-1]["step"],
+                    "planned_steps": int(flags[flags.index("--steps") + 1]),
                     "wall_s": round(sum(e["train_s"] for e in ev), 1), "registers": args.registers,
                     "final_analysis": {k: m.get(k) for k in keys}, "evals": ev})
         folders[args.registers] = out

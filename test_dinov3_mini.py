@@ -1216,6 +1216,41 @@ def test_supervised_control_trains_logs_instruments_and_resumes(tmp_path):
     assert [json.loads(line)["step"] for line in open(os.path.join(out, "log.jsonl"))] == [2, 4, 6]
 
 
+def test_storage_miniature_counts_targets_and_reads_background_tokens(capsys):
+    """bench/storage_miniature.py: the label is the number of hollow targets (distractors are solid and not
+    counted), the background is one flat colour, and a background token made 3x the others by the blocks is
+    what its instruments report (an outlier at the layer it was written, none at the embedding)."""
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import storage_miniature as sm
+    x, y, m = sm.counting_images(64, torch.Generator().manual_seed(0), distractors=4)
+    cells = m.view(64, 8, 4, 8, 4).sum((2, 4))  # object pixels per 4 x 4 patch: 12 for a rim, 16 for a solid one
+    assert torch.equal((cells == 12).sum((1, 2)), y) and (cells == 16).any() and y.min() == 0
+    flat = x.view(64, 3, -1)[:, :, None] == x.view(64, 3, -1)[:, :, :, None]  # background pixels share one colour
+    bg = (m.view(64, -1) == 0)
+    assert all(flat[i][:, bg[i]][:, :, bg[i]].all() for i in range(4))
+    vit = sm.dm.ViT(image_size=32, patch_size=4, dim=32, depth=2, heads=2, num_registers=0, layerscale=0.0)
+
+    class Boost(torch.nn.Module):  # the last block, then 5x on one background token of every image
+        def __init__(self, blk):
+            super().__init__()
+            self.blk = blk
+
+        def forward(self, x, rope=None, return_attn=False):
+            x, attn = self.blk(x, rope, return_attn)
+            x = x.clone()
+            x[:, 1 + first_bg] *= 5
+            return x, attn
+    first_bg = int(bg[0].nonzero()[0])
+    vit.blocks[-1] = Boost(vit.blocks[-1])
+    x1, m1 = x[:1].repeat(32, 1, 1, 1), m[:1].repeat(32, 1, 1)
+    r = sm.background_instruments(vit, x1, m1, 0)
+    assert r["bg_outlier_fraction"][0] == 0 and r["bg_outlier_fraction"][-1] > 0
+    assert r["bg_max_over_median"][-1] > 3 > r["bg_max_over_median"][0]
+    sm.main(["--steps", "2", "--eval-every", "2", "--dim", "32", "--registers", "2"])
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["step"] == 2 and len(rec["bg_max_over_median"]) == 7 and 0 <= rec["cls_attention_on_registers"] <= 1
+
+
 def test_results_records_the_supervised_control(tmp_path, monkeypatch):
     """bench/results.py --only storage_supervised: every evaluation of each control run, its final ViT measured
     like --analyze, and the two figures (instruments per step; norms of 0 vs 4 registers on the same images)."""

@@ -12,7 +12,7 @@ screen therefore reads the norms of the background tokens alone, layer by layer 
 images; 1.0 at the embedding would mean identical tokens; different images have different background colours,
 so the embedding's ratio is ~2), the outlier rule of dinov3_mini on them, and the CLS attention they receive.
 
-    python bench/storage_miniature.py --steps 2500                 # 0 registers (about 8 min on one CPU thread)
+    python bench/storage_miniature.py --steps 2500                 # 0 registers (about 10 min on one CPU thread)
     python bench/storage_miniature.py --steps 2500 --registers 4
     python bench/storage_miniature.py --steps 2000 --distractors 6
 

@@ -1040,7 +1040,11 @@ class TrainLog:
                "teacher_temp": sched["teacher_temp"][it], "gram_weight": gram_weight(it, sched, args),
                "dino_local_weight": 1.0 - (1.0 - args.gram_local_weight) * gram_ramp(it, sched, args),
                "img_per_s": round(self.n * args.batch_size / (now - self.t), 1)}
-        rec["dino_over_lnK"] = round(rec["dino"] / math.log(args.prototypes), 4)
+        # The DINO loss per unit weight over ln K (1 = uniform targets): the Gram phase weighs the 2 x local_crops
+        # local pairs by dino_local_weight (down to 0.5) against the 2 global pairs, so undo that before comparing.
+        n_g, n_l = 2, 2 * args.local_crops
+        unit = (n_g + rec["dino_local_weight"] * n_l) / (n_g + n_l)
+        rec["dino_over_lnK"] = round(rec["dino"] / (unit * math.log(args.prototypes)), 4)
         self.acc, self.n, self.t = {}, 0, now
         self.since_eval.append(rec)
         self.write(rec)

@@ -652,6 +652,10 @@ def test_end_to_end_run_writes_logs_and_summary(tmp_path):
     for k in ("dino", "ibot", "koleo", "lr", "wd", "momentum", "teacher_temp", "teacher_entropy", "dino_over_lnK"):
         assert k in steps[0]
     assert "gram" not in steps[0] and "gram" in steps[-1]  # the Gram loss switched on in epoch 1
+    last = steps[-1]  # the Gram phase weighs the 2 x 2 local pairs by dino_local_weight against the 2 global ones;
+    unit = (2 + last["dino_local_weight"] * 4) / 6  # the logged ratio to ln K is per unit weight
+    assert last["dino_local_weight"] < 1 and steps[0]["dino_local_weight"] == 1
+    assert last["dino_over_lnK"] == pytest.approx(last["dino"] / (unit * math.log(64)), abs=1e-3)
     assert all(math.isfinite(r["loss"]) for r in steps)
     ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ck["step"] == 8 and ck["gram_teacher"] is not None

@@ -35,6 +35,7 @@ learnable: the default recipe on the built-in `textures` data, seeds 0 and 1, fo
 """
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -390,6 +391,14 @@ def run_or_resume(name, flags, runs_dir):
     return out, None, cmd
 
 
+def dino_over_lnk(rec, args):
+    """A step record's DINO loss per unit weight / ln K, recomputed from the record (the Gram phase weighs the local
+    pairs by dino_local_weight; logs written before the file corrected for it hold the raw ratio)."""
+    n_g, n_l = 2, 2 * args["local_crops"]
+    unit = (n_g + rec.get("dino_local_weight", 1.0) * n_l) / (n_g + n_l)
+    return rec["dino"] / (unit * math.log(args["prototypes"]))
+
+
 def log_evals(out, ck):
     """A run's evaluation records, each with the mean DINO loss / ln K and the training time since the one before."""
     ev, since = [], []
@@ -397,7 +406,7 @@ def log_evals(out, ck):
         if r.get("type") == "step":
             since.append(r)
         elif r.get("type") == "eval":
-            ev.append(dict(r, dino_over_lnK=round(statistics.fmean(x["dino_over_lnK"] for x in since), 4)
+            ev.append(dict(r, dino_over_lnK=round(statistics.fmean(dino_over_lnk(x, ck["args"]) for x in since), 4)
                            if since else None, train_s=round(sum(
                                ck["args"]["log_every"] * ck["args"]["batch_size"] / x["img_per_s"] for x in since), 1)))
             since = []
@@ -531,8 +540,9 @@ def long_runs(kind, runs_dir, assets, old):
                     **{k: args.get(k) for k in GRAM_KEYS},
                     "knn_acc_random_init": base["knn_acc_random_init"], "knn_acc_raw_pixels": base["knn_acc_raw_pixels"],
                     "evals": [zero] + ev})
-    if res:
-        draw_long(kind, res, os.path.join(assets, f"{kind}.png"))
+    if res:  # the Gram runs are drawn beside the baseline they branch from (signal_long's first run)
+        ref = old.get("signal_long", [])[:1] if kind == "signal_gram" else []
+        draw_long(kind, ref + res, os.path.join(assets, f"{kind}.png"))
     return res
 
 

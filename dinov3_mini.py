@@ -560,6 +560,13 @@ def dino_loss(student_logits, teacher_probs, n_global=2, student_temp=0.1, local
     return (n_g * loss_g + local_weight * n_l * loss_l) / (n_g + n_l)
 
 
+def dino_over_lnk(loss, local_weight, local_crops, prototypes):
+    """The DINO loss per unit weight over ln K (1 = uniform targets, nothing learnt). dino_loss weighs the
+    2 x local_crops local pairs by local_weight (0.5 in the Gram phase) against the 2 global pairs: undone here."""
+    n_g, n_l = 2, 2 * local_crops
+    return loss * (n_g + n_l) / ((n_g + local_weight * n_l) * math.log(prototypes))
+
+
 def ibot_loss(student_patch_logits, teacher_patch_probs, masks, student_temp=0.1):
     """iBOT loss: cross-entropy at masked positions. student (M, K), teacher (M, K), masks (B, N) bool.
 
@@ -1040,11 +1047,8 @@ class TrainLog:
                "teacher_temp": sched["teacher_temp"][it], "gram_weight": gram_weight(it, sched, args),
                "dino_local_weight": 1.0 - (1.0 - args.gram_local_weight) * gram_ramp(it, sched, args),
                "img_per_s": round(self.n * args.batch_size / (now - self.t), 1)}
-        # The DINO loss per unit weight over ln K (1 = uniform targets): the Gram phase weighs the 2 x local_crops
-        # local pairs by dino_local_weight (down to 0.5) against the 2 global pairs, so undo that before comparing.
-        n_g, n_l = 2, 2 * args.local_crops
-        unit = (n_g + rec["dino_local_weight"] * n_l) / (n_g + n_l)
-        rec["dino_over_lnK"] = round(rec["dino"] / (unit * math.log(args.prototypes)), 4)
+        rec["dino_over_lnK"] = round(dino_over_lnk(rec["dino"], rec["dino_local_weight"], args.local_crops,
+                                                   args.prototypes), 4)
         self.acc, self.n, self.t = {}, 0, now
         self.since_eval.append(rec)
         self.write(rec)

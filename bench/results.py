@@ -35,7 +35,6 @@ learnable: the default recipe on the built-in `textures` data, seeds 0 and 1, fo
 """
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -391,24 +390,17 @@ def run_or_resume(name, flags, runs_dir):
     return out, None, cmd
 
 
-def dino_over_lnk(rec, args):
-    """A step record's DINO loss per unit weight / ln K, recomputed from the record (the Gram phase weighs the local
-    pairs by dino_local_weight; logs written before the file corrected for it hold the raw ratio)."""
-    n_g, n_l = 2, 2 * args["local_crops"]
-    unit = (n_g + rec.get("dino_local_weight", 1.0) * n_l) / (n_g + n_l)
-    return rec["dino"] / (unit * math.log(args["prototypes"]))
-
-
 def log_evals(out, ck):
     """A run's evaluation records, each with the mean DINO loss / ln K and the training time since the one before."""
-    ev, since = [], []
+    ev, since, a = [], [], ck["args"]
     for r in map(json.loads, open(os.path.join(out, "log.jsonl"))):
         if r.get("type") == "step":
             since.append(r)
-        elif r.get("type") == "eval":
-            ev.append(dict(r, dino_over_lnK=round(statistics.fmean(dino_over_lnk(x, ck["args"]) for x in since), 4)
-                           if since else None, train_s=round(sum(
-                               ck["args"]["log_every"] * ck["args"]["batch_size"] / x["img_per_s"] for x in since), 1)))
+        elif r.get("type") == "eval":  # the ratio recomputed: logs older than the Gram-phase correction hold the raw one
+            ratio = [dm.dino_over_lnk(x["dino"], x.get("dino_local_weight", 1.0), a["local_crops"], a["prototypes"])
+                     for x in since]
+            ev.append(dict(r, dino_over_lnK=round(statistics.fmean(ratio), 4) if since else None, train_s=round(
+                sum(a["log_every"] * a["batch_size"] / x["img_per_s"] for x in since), 1)))
             since = []
     return ev
 

@@ -23,7 +23,8 @@ storage_long / signal_long: the long runs of the two failures on `textures` (32 
          evaluation -> results.json "storage_long" / "signal_long", assets/storage_long.png / signal_long.png.
 storage_screens: 8-epoch screens of the conditions named for high-norm tokens (depth, weight decay, lr, 64 px).
 signal_gram: the long run with Gram anchoring, the teacher from the dense (DSE) peak or from well after it.
-recipe_screens: 10-epoch screens of the nano recipe on textures (teacher temperature held at 0.04, 256 prototypes).
+recipe_screens: 10-epoch screens of the nano recipe on textures (teacher temperature held at 0.04, 256 prototypes,
+                EMA momentum 0.99 held).
 learnable: the default recipe on the built-in `textures` data, seeds 0 and 1, for 10 epochs (--eval-every 1) and 32
          (4,992 steps, --eval-every 2), and the default 3-epoch run on it (also with --prototypes 256) ->
          results.json "learnable_data" (one entry per run: k-NN against both baselines, and the curve of k-NN,
@@ -356,16 +357,22 @@ LONG = {"storage_long": {f"long_artifacts_r{r}": ["--dataset", "textures", "--pr
 GRAM = LEARNABLE["long_textures_s0"] + ["--gram", "--no-untie-local-norm"]
 LONG["signal_gram"] = {"long_gram_peak": GRAM + ["--gram-teacher-epoch", "6", "--gram-start", "6"],
                        "long_gram_late": GRAM + ["--gram-teacher-epoch", "20", "--gram-start", "20"]}
+# The second seed: the same two anchors (epochs 6 and 20); the late run is seed 1's baseline up to step 3,120.
+GRAM_S1 = LEARNABLE["long_textures_s1"] + ["--gram", "--no-untie-local-norm"]
+LONG["signal_gram"].update({"long_gram_peak_s1": GRAM_S1 + ["--gram-teacher-epoch", "6", "--gram-start", "6"],
+                            "long_gram_late_s1": GRAM_S1 + ["--gram-teacher-epoch", "20", "--gram-start", "20"]})
 # Short screens of the conditions the literature names for high-norm tokens (8 epochs, 1,248 steps, 0 registers):
 # the free-writing setting as it is, 12 blocks at nano width, a high constant weight decay, a 3x higher lr (same
 # warmup), and 64 px images (256 patches, 4x the flat background; 5,000 images to keep the time).
 SCREEN = ["--dataset", "textures", "--preset", "artifacts", "--registers", "0", "--epochs", "8", "--eval-every", "2",
           "--keep-teachers"]
 # Screens of the nano recipe on textures, from the literature on a DINO loss stuck at ln K (docs/data.md "What
-# next"): the teacher temperature held at 0.04, then also 256 prototypes (10 epochs, 1,560 steps each).
+# next"): the teacher temperature held at 0.04, then also 256 prototypes; a faster EMA teacher (0.99 held, the
+# small-data ports' value) (10 epochs, 1,560 steps each).
 RECIPE = ["--dataset", "textures", "--epochs", "10", "--eval-every", "2"]
 LONG["recipe_screens"] = {"recipe_base": RECIPE, "recipe_t04": RECIPE + ["--teacher-temp", "0.04"],
-                          "recipe_t04_k256": RECIPE + ["--teacher-temp", "0.04", "--prototypes", "256"]}
+                          "recipe_t04_k256": RECIPE + ["--teacher-temp", "0.04", "--prototypes", "256"],
+                          "recipe_m099": RECIPE + ["--momentum", "0.99", "0.99"]}
 LONG["storage_screens"] = {"screen_base": SCREEN, "screen_depth12": SCREEN + ["--depth", "12"],
                            "screen_wd": SCREEN + ["--weight-decay", "0.4", "0.4"], "screen_lr": SCREEN + ["--lr", "3e-2"],
                            "screen_64px": SCREEN + ["--image-size", "64", "--num-images", "5000"]}

@@ -354,13 +354,10 @@ LONG = {"storage_long": {f"long_artifacts_r{r}": ["--dataset", "textures", "--pr
                         "long_textures_noibot": LEARNABLE["long_textures_s0"] + ["--ibot-weight", "0"]}}
 # Gram anchoring on the long run, its teacher taken at the DSE peak of the baseline (epoch 6, step 936) or well after
 # it (epoch 20); same seed as the baseline, and the local-crop norm kept tied as there.
-GRAM = LEARNABLE["long_textures_s0"] + ["--gram", "--no-untie-local-norm"]
-LONG["signal_gram"] = {"long_gram_peak": GRAM + ["--gram-teacher-epoch", "6", "--gram-start", "6"],
-                       "long_gram_late": GRAM + ["--gram-teacher-epoch", "20", "--gram-start", "20"]}
-# The second seed: the same two anchors (epochs 6 and 20); the late run is seed 1's baseline up to step 3,120.
-GRAM_S1 = LEARNABLE["long_textures_s1"] + ["--gram", "--no-untie-local-norm"]
-LONG["signal_gram"].update({"long_gram_peak_s1": GRAM_S1 + ["--gram-teacher-epoch", "6", "--gram-start", "6"],
-                            "long_gram_late_s1": GRAM_S1 + ["--gram-teacher-epoch", "20", "--gram-start", "20"]})
+# Seed 1 (names ending _s1) repeats both anchors; each late run is its seed's baseline up to step 3,120.
+LONG["signal_gram"] = {f"long_gram_{at}{'_s1' if s else ''}": LEARNABLE[f"long_textures_s{s}"] + [
+    "--gram", "--no-untie-local-norm", "--gram-teacher-epoch", e, "--gram-start", e]
+    for s in (0, 1) for at, e in (("peak", "6"), ("late", "20"))}
 # Short screens of the conditions the literature names for high-norm tokens (8 epochs, 1,248 steps, 0 registers):
 # the free-writing setting as it is, 12 blocks at nano width, a high constant weight decay, a 3x higher lr (same
 # warmup), and 64 px images (256 patches, 4x the flat background; 5,000 images to keep the time).
@@ -552,7 +549,7 @@ LONG_PANELS = {"storage_long": (("knn_acc", "k-NN accuracy (CLS)"), ("outlier_fr
                "signal_long": (("knn_acc", "k-NN accuracy (CLS)"), ("dense_fg_miou", "object/background probe mIoU"),
                                ("similarity_locality", "similarity locality"), ("dse", "DSE (label-free)"),
                                ("patch_cls_cosine", "patch-CLS cosine"))}
-LONG_PANELS["storage_screens"] = LONG_PANELS["storage_long"]
+LONG_PANELS["storage_screens"] = LONG_PANELS["storage_long"][:-1]  # 0 registers: no register panel
 LONG_PANELS["storage_supervised"] = (("test_acc", "test accuracy (linear head)"), ("knn_acc", "k-NN accuracy (CLS)"),
                                      ("outlier_fraction", "high-norm outlier fraction"),
                                      ("patch_norm_max_ratio", "max / median patch norm (output)"),
